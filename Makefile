@@ -1,0 +1,38 @@
+# Set-up is idempotent: the stamp is rebuilt only when pyproject.toml changes.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PEARL  := $(VENV)/bin/pearl
+STAMP  := $(VENV)/.setup-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup protos models run demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Regenerate the checked-in stubs (tests/test_protos.py fails when they are stale).
+protos: setup
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/v1/pearl.proto
+
+# Fetch, verify and convert the default pair once (also done on first use).
+models: setup
+	$(PEARL) models fetch qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct
+
+run: demo
+demo: setup
+	$(PEARL) demo
+
+test: setup
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,291 @@
+"""The decoding schedules: ar, sd and pearl (DESIGN.md section 4).
+
+Every schedule talks to the target through one Verify stream and (sd, pearl) to the draft through
+one Draft stream, and commits what the target decides. The target's answer to a window of n
+draft tokens at position L is (accepted k, token t): positions L..L+k-1 keep the draft tokens,
+position L+k gets t (the correction if k < n, the bonus if k == n). Its answer to the start is the
+first new token (k = n = 0). Everything below is bookkeeping of that one rule.
+
+- ar: start, then windows of zero draft tokens: one token per target forward.
+- sd: the draft drafts gamma tokens, the target verifies them, the draft rolls back; in turn.
+- pearl: draft and target run at the same time.
+    pre-verify  (at start and after a rejection): the first token of a new window goes to the
+                target the moment it arrives while the draft drafts the rest of the window.
+    post-verify (after a fully accepted window): the target verifies the rest of the current
+                window while the draft drafts the next one.
+  A rejection commits the accepted prefix and the correction, rolls the draft back (its windows in
+  flight become stale) and switches to pre. A fully accepted window gives a bonus token; the
+  draft's own token at that position (drafted meanwhile) is judged against it: equal, the run
+  goes on in post; different, it is a rejection like any other.
+  gamma = ceil(t_verify / t_draft) from the services' measured forward times, clamped to
+  [1, gamma_max], unless a fixed gamma is asked for.
+"""
+
+import math
+from dataclasses import dataclass
+
+from coordinator.links import DraftLink, Event, TargetLink
+from coordinator.output import Output
+from specdec.stats import Recorder
+
+
+class ServiceLost(RuntimeError):
+    """A model service's stream ended or failed in the middle of a request."""
+
+    def __init__(self, source: str, detail: str):
+        super().__init__(f"{source} service stream ended during the request: {detail}")
+        self.source = source
+
+
+@dataclass
+class Plan:
+    """One request as the schedules see it."""
+
+    session_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    max_positions: int  # the smaller of the two models' context lengths
+    gamma: int | None = None  # fixed window; None = adaptive (pearl)
+    gamma_max: int = 8
+
+
+class Timing:
+    """Moving averages of one draft step and one target verification, in ns.
+
+    Shared by all requests of a coordinator (they run on the same pair of services)."""
+
+    def __init__(self, alpha: float = 0.2, gamma_init: int = 4):
+        self.alpha = alpha
+        self.gamma_init = gamma_init
+        self.t_draft: float | None = None
+        self.t_verify: float | None = None
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
+
+    def draft(self, forward_ns: int, input_tokens: int) -> None:
+        if input_tokens <= 2:  # a decode step; prefills and catch-ups are not
+            self.t_draft = self._ema(self.t_draft, forward_ns)
+
+    def verify(self, forward_ns: int) -> None:
+        self.t_verify = self._ema(self.t_verify, forward_ns)
+
+    def gamma(self, gamma_max: int) -> int:
+        if self.t_draft is None or self.t_verify is None:
+            return min(self.gamma_init, gamma_max)
+        return max(1, min(gamma_max, math.ceil(self.t_verify / self.t_draft)))
+
+
+class Schedule:
+    """State and helpers shared by the schedules: the committed sequence and the event queue."""
+
+    def __init__(self, plan: Plan, target: TargetLink, draft: DraftLink | None, events,
+                 out: Output, rec: Recorder, timing: Timing):
+        self.plan, self.target, self.draft = plan, target, draft
+        self.events, self.out, self.rec, self.timing = events, out, rec, timing
+        self.committed = list(plan.prompt_ids)
+        self.next_window_id = 1
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.committed) - len(self.plan.prompt_ids)
+
+    def window_len(self, gamma: int, start: int) -> int:
+        """gamma, trimmed so the draft never drafts past the last useful position."""
+        left = self.plan.max_new_tokens - (start - len(self.plan.prompt_ids))
+        room = self.plan.max_positions - 1 - start
+        return max(1, min(gamma, left - 1, room))
+
+    def commit(self, ids: list[int]) -> bool:
+        """Commit ids (already decided by the target); True when generation has ended."""
+        self.committed.extend(ids)
+        self.rec.committed()
+        return self.out.commit(ids)
+
+    async def next_event(self) -> Event:
+        ev: Event = await self.events.get()
+        if ev.msg is None:
+            detail = ev.error.details() if ev.error is not None else "closed by the service"
+            raise ServiceLost(ev.source, detail)
+        if ev.source == "draft":
+            self.rec.draft_forward(ev.arrived_ns, ev.msg.forward_ns)
+            self.timing.draft(ev.msg.forward_ns, ev.msg.input_tokens)
+        else:
+            self.rec.target_forward(ev.arrived_ns, ev.msg.forward_ns)
+            if ev.msg.phase != "start":
+                self.timing.verify(ev.msg.forward_ns)
+        return ev
+
+    async def next_from(self, source: str):
+        """The next message from ``source`` (sequential schedules expect nothing else)."""
+        while True:
+            ev = await self.next_event()
+            if ev.source == source:
+                return ev.msg
+            self.rec.stale += 1
+
+    def take_window_id(self) -> int:
+        self.next_window_id += 1
+        return self.next_window_id - 1
+
+
+async def run_ar(s: Schedule) -> None:
+    """The target alone: one token per forward pass."""
+    await s.target.start(s.plan.session_id, s.plan.prompt_ids)
+    while True:
+        r = await s.next_from("target")
+        if s.commit([r.token_id]):
+            return
+        await s.target.verify(len(s.committed), [], 0, "ar")
+
+
+async def run_sd(s: Schedule, gamma: int) -> None:
+    """Vanilla speculative decoding: draft a window, verify it, roll back; strictly in turn."""
+    await s.target.start(s.plan.session_id, s.plan.prompt_ids)
+    r = await s.next_from("target")
+    if s.commit([r.token_id]):
+        return
+    n = s.window_len(gamma, len(s.committed))
+    wid = s.take_window_id()
+    s.rec.window(n)
+    await s.draft.start(s.plan.session_id, s.committed, wid, len(s.committed) + n)
+    while True:
+        position = len(s.committed)
+        window = [(await s.next_from("draft")).token_id for _ in range(n)]
+        await s.target.verify(position, window, wid, "sd")
+        r = await s.next_from("target")
+        s.rec.verified(wid, 0, len(window), r.accepted)
+        if s.commit(window[: r.accepted] + [r.token_id]):
+            return
+        n = s.window_len(gamma, len(s.committed))
+        wid = s.take_window_id()
+        s.rec.window(n)
+        await s.draft.rollback(position + r.accepted, [r.token_id], wid, len(s.committed) + n)
+
+
+@dataclass
+class Window:
+    id: int
+    start: int  # first position
+    end: int  # one past the last position
+
+
+class Pearl(Schedule):
+    """PEARL: pre-verify and post-verify with the mode switch, over the two streams."""
+
+    async def run(self) -> None:
+        self.mode = "pre"
+        self.drafted: dict[int, tuple[int, int]] = {}  # position -> (token, window id)
+        self.windows: list[Window] = []  # the draft's live windows, in order
+        self.starts: dict[int, int] = {}  # window id -> start position (for statistics)
+        self.oldest_live = 1  # proposals of older windows are stale
+        self.inflight: tuple[int, list[int], int] | None = (len(self.committed), [], 0)
+        self.bonus: tuple[int, int] | None = None  # (position, token) awaiting the draft's token
+
+        prompt = self.plan.prompt_ids
+        await self.target.start(self.plan.session_id, prompt)  # prefill both at once
+        w = self.open_window(len(prompt))
+        await self.draft.start(self.plan.session_id, prompt, w.id, w.end)
+        while True:
+            ev = await self.next_event()
+            done = await (self.on_proposal(ev.msg) if ev.source == "draft"
+                          else self.on_verdict(ev.msg))
+            if done:
+                return
+            await self.send_verify()
+
+    # -- windows -----------------------------------------------------------------------------
+
+    def gamma(self) -> int:
+        return self.plan.gamma or self.timing.gamma(self.plan.gamma_max)
+
+    def open_window(self, start: int) -> Window:
+        n = self.window_len(self.gamma(), start)
+        w = Window(self.take_window_id(), start, start + n)
+        self.windows.append(w)
+        self.starts[w.id] = start
+        self.rec.window(n)
+        return w
+
+    async def extend(self) -> None:
+        """Ask the draft for the next window right after the last one."""
+        w = self.open_window(self.windows[-1].end)
+        await self.draft.extend(w.id, w.end)
+
+    async def rollback(self, keep: int, token: int) -> None:
+        """The draft keeps ``keep`` tokens, appends the target's token, starts a fresh window."""
+        self.windows.clear()
+        self.drafted.clear()
+        self.bonus = None
+        w = self.open_window(keep + 1)
+        self.oldest_live = w.id
+        self.mode = "pre"
+        await self.draft.rollback(keep, [token], w.id, w.end)
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def on_proposal(self, p) -> bool:
+        if p.window_id < self.oldest_live:
+            self.rec.stale += 1
+            return False
+        if self.bonus is not None and p.position == self.bonus[0]:
+            position, token = self.bonus
+            self.bonus = None
+            await self.judge_bonus(position, token, p.token_id, p.window_id)
+        elif p.position >= len(self.committed):
+            self.drafted[p.position] = (p.token_id, p.window_id)
+        return False
+
+    async def on_verdict(self, r) -> bool:
+        position, sent, wid = self.inflight
+        self.inflight = None
+        if sent:
+            self.rec.verified(wid, position - self.starts[wid], len(sent), r.accepted)
+        for q in range(position, position + len(sent)):
+            self.drafted.pop(q, None)
+        if self.commit(sent[: r.accepted] + [r.token_id]):
+            return True
+        b = position + r.accepted  # where the target's own token went
+        if r.accepted < len(sent):  # rejection: the correction replaces the draft token
+            await self.rollback(b, r.token_id)
+        elif b in self.drafted:  # fully accepted: judge the draft's next token by the bonus
+            token, bwid = self.drafted.pop(b)
+            await self.judge_bonus(b, r.token_id, token, bwid)
+        elif self.windows and self.windows[-1].end > b:  # the draft is drafting it right now
+            self.bonus = (b, r.token_id)
+        else:  # the draft had nothing more to draft: continue it from the bonus, pre-verify
+            await self.rollback(b, r.token_id)
+        return False
+
+    async def judge_bonus(self, position: int, token: int, drafted: int, wid: int) -> None:
+        matched = drafted == token
+        self.rec.verified(wid, position - self.starts[wid], 1, int(matched))
+        if matched:
+            self.mode = "post"
+        else:
+            await self.rollback(position, token)
+
+    # -- the target's next job ---------------------------------------------------------------
+
+    async def send_verify(self) -> None:
+        if self.inflight is not None or self.bonus is not None:
+            return
+        L = len(self.committed)
+        self.windows = [w for w in self.windows if w.end > L]
+        if self.mode == "pre":
+            if L in self.drafted:  # the window's first token, the moment it exists
+                token, wid = self.drafted[L]
+                await self.verify(L, [token], wid, "pre")
+            return
+        if not self.windows:
+            await self.extend()
+            return
+        w = self.windows[0]  # the rest of the current window
+        if all(q in self.drafted for q in range(L, w.end)):
+            await self.verify(L, [self.drafted[q][0] for q in range(L, w.end)], w.id, "post")
+            if len(self.windows) == 1:  # draft the next window while the target verifies
+                await self.extend()
+
+    async def verify(self, position: int, tokens: list[int], wid: int, phase: str) -> None:
+        self.inflight = (position, tokens, wid)
+        await self.target.verify(position, tokens, wid, phase)

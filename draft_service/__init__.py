@@ -1,0 +1,1 @@
+"""DraftService: a small model drafting tokens ahead for many sessions at once."""

@@ -1,0 +1,82 @@
+"""One draft session: drafts tokens past the committed end, window by window, and rolls back.
+
+Model code only: no gRPC here. The servicer feeds it control messages and sends its proposals.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec.acceptance import choose_greedy
+from specdec.kv import CachedSequence
+
+
+class ProtocolError(ValueError):
+    """A control message that does not fit the session's state."""
+
+
+@dataclass
+class Proposal:
+    window_id: int
+    position: int
+    token_id: int
+    forward_ns: int
+    started_unix_ns: int
+    input_tokens: int
+
+
+class DraftSession:
+    """The draft's sequence: committed tokens it was told plus the tokens it drafted itself.
+
+    ``goal`` is the length to draft up to; ``windows`` maps window start positions to ids so that
+    each proposal carries the window it belongs to.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_ids: list[int], window_id: int, goal: int,
+                 max_positions: int):
+        if not prompt_ids:
+            raise ProtocolError("start.prompt_ids is empty")
+        self.max_positions = max_positions
+        self.seq = CachedSequence(model, prompt_ids)
+        self.windows: list[tuple[int, int]] = [(len(prompt_ids), window_id)]
+        self.goal = self._checked_goal(goal, "start.draft_until")
+
+    def _checked_goal(self, goal: int, field: str) -> int:
+        if goal > self.max_positions:
+            raise ProtocolError(f"{field}={goal} is past the model's {self.max_positions} positions")
+        return goal
+
+    @property
+    def wants_token(self) -> bool:
+        return len(self.seq) < self.goal
+
+    def window_of(self, position: int) -> int:
+        return next(wid for start, wid in reversed(self.windows) if start <= position)
+
+    def extend(self, window_id: int, goal: int) -> None:
+        """A new window continuing the current sequence, up to ``goal`` tokens."""
+        goal = self._checked_goal(goal, "extend.draft_until")
+        if goal < self.goal:
+            raise ProtocolError(f"extend.draft_until={goal} goes back from {self.goal}")
+        self.windows.append((self.goal, window_id))
+        self.goal = goal
+
+    def rollback(self, keep: int, append_ids: list[int], window_id: int, goal: int) -> None:
+        """Keep ``keep`` tokens, append committed ones, draft a new window up to ``goal``."""
+        if keep > len(self.seq):
+            raise ProtocolError(f"rollback.keep={keep} is past the sequence end {len(self.seq)}")
+        if keep + len(append_ids) == 0:
+            raise ProtocolError("rollback leaves an empty sequence")
+        self.seq.truncate(keep)
+        self.seq.extend(append_ids)
+        self.windows = [(len(self.seq), window_id)]
+        self.goal = self._checked_goal(goal, "rollback.draft_until")
+
+    def step(self) -> Proposal:
+        """Draft one token at the end of the sequence (one forward pass)."""
+        f = self.seq.forward(keep=1)
+        position = len(self.seq)
+        token = choose_greedy(f.logits[-1])
+        self.seq.extend([token])
+        return Proposal(self.window_of(position), position, token, f.forward_ns,
+                        f.started_unix_ns, f.input_tokens)

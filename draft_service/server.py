@@ -1,0 +1,92 @@
+"""The DraftService servicer: a thin adapter from the Draft stream to DraftSession objects."""
+
+import asyncio
+import logging
+
+import grpc
+
+from draft_service.drafter import DraftSession, Proposal, ProtocolError
+from protos.v1 import pearl_pb2, pearl_pb2_grpc
+from specdec.serving import ModelRunner, Server, model_info
+
+log = logging.getLogger("pearl.draft")
+
+
+def to_pb(p: Proposal) -> pearl_pb2.DraftResponse:
+    return pearl_pb2.DraftResponse(proposal=pearl_pb2.DraftProposal(
+        window_id=p.window_id, position=p.position, token_id=p.token_id,
+        forward_ns=p.forward_ns, started_unix_ns=p.started_unix_ns, input_tokens=p.input_tokens))
+
+
+class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.runner = ModelRunner("draft")
+        self.live = 0
+
+    async def GetModelInfo(self, request, context):
+        return model_info(self.loaded, self.live)
+
+    async def Draft(self, request_iterator, context):
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        async def pump():
+            try:
+                async for req in request_iterator:
+                    await inbox.put(req)
+            finally:
+                await inbox.put(None)
+
+        pump_task = asyncio.create_task(pump())
+        session: DraftSession | None = None
+        self.live += 1
+        try:
+            while True:
+                # Apply every control message that has arrived; block only when idle.
+                while True:
+                    if session is not None and session.wants_token:
+                        if inbox.empty():
+                            break
+                        req = inbox.get_nowait()
+                    else:
+                        req = await inbox.get()
+                    if req is None or req.WhichOneof("kind") == "stop":
+                        return
+                    try:
+                        session = self.apply(session, req)
+                    except ProtocolError as e:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                proposal = await self.runner.run(session.step)
+                yield to_pb(proposal)
+        finally:
+            self.live -= 1
+            pump_task.cancel()
+
+    def apply(self, session: DraftSession | None, req) -> DraftSession:
+        kind = req.WhichOneof("kind")
+        if kind == "start":
+            if session is not None:
+                raise ProtocolError("start sent twice on one stream")
+            s = req.start
+            max_pos = self.loaded.model.config.max_position_embeddings
+            return DraftSession(self.loaded.model, list(s.prompt_ids), s.window_id,
+                                s.draft_until, max_pos)
+        if session is None:
+            raise ProtocolError(f"{kind} before start")
+        if kind == "extend":
+            session.extend(req.extend.window_id, req.extend.draft_until)
+        elif kind == "rollback":
+            r = req.rollback
+            session.rollback(r.keep, list(r.append_ids), r.window_id, r.draft_until)
+        else:
+            raise ProtocolError("empty DraftRequest")
+        return session
+
+
+async def serve(loaded, port: int, host: str = "[::]") -> tuple[Server, DraftServicer]:
+    servicer = DraftServicer(loaded)
+    server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name])
+    pearl_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.grpc)
+    await server.start(port, host)
+    log.info("draft service on port %d (%s)", server.port, loaded.name)
+    return server, servicer

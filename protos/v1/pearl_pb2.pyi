@@ -1,0 +1,296 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_AR: _ClassVar[Mode]
+    MODE_SD: _ClassVar[Mode]
+    MODE_PEARL: _ClassVar[Mode]
+MODE_UNSPECIFIED: Mode
+MODE_AR: Mode
+MODE_SD: Mode
+MODE_PEARL: Mode
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class TokenDistribution(_message.Message):
+    __slots__ = ("token_ids", "probs_f16")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROBS_F16_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    probs_f16: bytes
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs_f16: _Optional[bytes] = ...) -> None: ...
+
+class ModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfoResponse(_message.Message):
+    __slots__ = ("model", "vocab_size", "eos_token_ids", "max_positions", "tokenizer_json", "chat_template", "device", "dtype", "live_sessions")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    vocab_size: int
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_positions: int
+    tokenizer_json: str
+    chat_template: str
+    device: str
+    dtype: str
+    live_sessions: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_positions: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., live_sessions: _Optional[int] = ...) -> None: ...
+
+class DraftStart(_message.Message):
+    __slots__ = ("session_id", "prompt_ids", "sampling", "window_id", "draft_until")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: SamplingParams
+    window_id: int
+    draft_until: int
+    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., window_id: _Optional[int] = ..., draft_until: _Optional[int] = ...) -> None: ...
+
+class DraftExtend(_message.Message):
+    __slots__ = ("window_id", "draft_until")
+    WINDOW_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    window_id: int
+    draft_until: int
+    def __init__(self, window_id: _Optional[int] = ..., draft_until: _Optional[int] = ...) -> None: ...
+
+class DraftRollback(_message.Message):
+    __slots__ = ("keep", "append_ids", "window_id", "draft_until")
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    APPEND_IDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    keep: int
+    append_ids: _containers.RepeatedScalarFieldContainer[int]
+    window_id: int
+    draft_until: int
+    def __init__(self, keep: _Optional[int] = ..., append_ids: _Optional[_Iterable[int]] = ..., window_id: _Optional[int] = ..., draft_until: _Optional[int] = ...) -> None: ...
+
+class DraftStop(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DraftRequest(_message.Message):
+    __slots__ = ("start", "extend", "rollback", "stop")
+    START_FIELD_NUMBER: _ClassVar[int]
+    EXTEND_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    start: DraftStart
+    extend: DraftExtend
+    rollback: DraftRollback
+    stop: DraftStop
+    def __init__(self, start: _Optional[_Union[DraftStart, _Mapping]] = ..., extend: _Optional[_Union[DraftExtend, _Mapping]] = ..., rollback: _Optional[_Union[DraftRollback, _Mapping]] = ..., stop: _Optional[_Union[DraftStop, _Mapping]] = ...) -> None: ...
+
+class DraftProposal(_message.Message):
+    __slots__ = ("window_id", "position", "token_id", "q", "forward_ns", "started_unix_ns", "input_tokens")
+    WINDOW_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    window_id: int
+    position: int
+    token_id: int
+    q: TokenDistribution
+    forward_ns: int
+    started_unix_ns: int
+    input_tokens: int
+    def __init__(self, window_id: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., q: _Optional[_Union[TokenDistribution, _Mapping]] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., input_tokens: _Optional[int] = ...) -> None: ...
+
+class DraftResponse(_message.Message):
+    __slots__ = ("proposal",)
+    PROPOSAL_FIELD_NUMBER: _ClassVar[int]
+    proposal: DraftProposal
+    def __init__(self, proposal: _Optional[_Union[DraftProposal, _Mapping]] = ...) -> None: ...
+
+class VerifyStart(_message.Message):
+    __slots__ = ("session_id", "prompt_ids", "sampling")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: SamplingParams
+    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+
+class VerifyWindow(_message.Message):
+    __slots__ = ("position", "draft_ids", "q", "window_id", "phase")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    draft_ids: _containers.RepeatedScalarFieldContainer[int]
+    q: _containers.RepeatedCompositeFieldContainer[TokenDistribution]
+    window_id: int
+    phase: str
+    def __init__(self, position: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[TokenDistribution, _Mapping]]] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...
+
+class VerifyStop(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ("start", "window", "stop")
+    START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    start: VerifyStart
+    window: VerifyWindow
+    stop: VerifyStop
+    def __init__(self, start: _Optional[_Union[VerifyStart, _Mapping]] = ..., window: _Optional[_Union[VerifyWindow, _Mapping]] = ..., stop: _Optional[_Union[VerifyStop, _Mapping]] = ...) -> None: ...
+
+class VerifyResult(_message.Message):
+    __slots__ = ("position", "verified", "accepted", "token_id", "committed", "forward_ns", "started_unix_ns", "window_id", "phase", "input_tokens")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    verified: int
+    accepted: int
+    token_id: int
+    committed: int
+    forward_ns: int
+    started_unix_ns: int
+    window_id: int
+    phase: str
+    input_tokens: int
+    def __init__(self, position: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., committed: _Optional[int] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., input_tokens: _Optional[int] = ...) -> None: ...
+
+class VerifyResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: VerifyResult
+    def __init__(self, result: _Optional[_Union[VerifyResult, _Mapping]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "prompt_ids", "mode", "max_new_tokens", "sampling", "gamma", "gamma_max", "stop", "ignore_eos", "chat")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_MAX_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    mode: Mode
+    max_new_tokens: int
+    sampling: SamplingParams
+    gamma: int
+    gamma_max: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    ignore_eos: bool
+    chat: bool
+    def __init__(self, prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., gamma: _Optional[int] = ..., gamma_max: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ...) -> None: ...
+
+class GenerateStats(_message.Message):
+    __slots__ = ("new_tokens", "wall_s", "tokens_per_s", "draft_tokens", "accepted_tokens", "acceptance_rate", "target_forwards", "draft_forwards", "tokens_per_target_forward", "mean_accepted_tokens", "per_position_acceptance", "gamma_history", "draft_length_histogram", "both_busy_s", "target_idle_s", "draft_idle_s", "overlap_ratio", "stale_proposals", "time_to_first_token_s", "finish_reason", "mode", "prompt_tokens")
+    class DraftLengthHistogramEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_TARGET_FORWARD_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PER_POSITION_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_LENGTH_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    BOTH_BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    TARGET_IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    STALE_PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    new_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+    target_forwards: int
+    draft_forwards: int
+    tokens_per_target_forward: float
+    mean_accepted_tokens: float
+    per_position_acceptance: _containers.RepeatedScalarFieldContainer[float]
+    gamma_history: _containers.RepeatedScalarFieldContainer[int]
+    draft_length_histogram: _containers.ScalarMap[int, int]
+    both_busy_s: float
+    target_idle_s: float
+    draft_idle_s: float
+    overlap_ratio: float
+    stale_proposals: int
+    time_to_first_token_s: float
+    finish_reason: str
+    mode: str
+    prompt_tokens: int
+    def __init__(self, new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_forwards: _Optional[int] = ..., draft_forwards: _Optional[int] = ..., tokens_per_target_forward: _Optional[float] = ..., mean_accepted_tokens: _Optional[float] = ..., per_position_acceptance: _Optional[_Iterable[float]] = ..., gamma_history: _Optional[_Iterable[int]] = ..., draft_length_histogram: _Optional[_Mapping[int, int]] = ..., both_busy_s: _Optional[float] = ..., target_idle_s: _Optional[float] = ..., draft_idle_s: _Optional[float] = ..., overlap_ratio: _Optional[float] = ..., stale_proposals: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., mode: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "token_ids", "stats")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    stats: GenerateStats
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,68 @@
+"""A token sequence whose KV cache covers a prefix of it and rolls back to any position."""
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Forward:
+    """The outcome of one forward pass."""
+
+    logits: torch.Tensor  # [keep, vocab] float32: logits[i] predicts position start + i
+    start: int  # position predicted by logits[0]
+    input_tokens: int  # tokens fed in this pass
+    forward_ns: int  # duration of the pass
+    started_unix_ns: int  # wall-clock start of the pass
+
+
+class CachedSequence:
+    """Token ids plus a KV cache over ``ids[:cached]``.
+
+    ``truncate`` rolls both back; ``forward`` feeds the uncached tail. The cache never holds a
+    token that is not in ``ids``, so a rolled-back sequence computes exactly what a fresh one would.
+    """
+
+    def __init__(self, model: torch.nn.Module, ids: list[int]):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.ids = list(ids)
+        self.cache = DynamicCache(config=model.config)
+        self.cached = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extend(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens; crop the KV cache to match."""
+        if n < 0 or n > len(self.ids):
+            raise ValueError(f"cannot truncate a sequence of {len(self.ids)} tokens to {n}")
+        del self.ids[n:]
+        if self.cached > n:
+            self.cache.crop(n - self.cached)  # transformers 5: a negative count removes tokens
+            self.cached = n
+
+    @torch.inference_mode()
+    def forward(self, keep: int = 1) -> Forward:
+        """Feed ``ids[cached:]``; return logits for the last ``keep`` fed positions."""
+        feed = self.ids[self.cached :]
+        if not feed:
+            raise ValueError("nothing to feed: the whole sequence is cached")
+        keep = min(keep, len(feed))
+        started_unix_ns = time.time_ns()
+        t0 = time.perf_counter_ns()
+        input_ids = torch.tensor([feed], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep
+        )
+        logits = out.logits[0, -keep:].float()  # [keep, vocab]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        forward_ns = time.perf_counter_ns() - t0
+        self.cached = len(self.ids)
+        return Forward(logits, len(self.ids) - keep + 1, len(feed), forward_ns, started_unix_ns)

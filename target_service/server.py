@@ -1,0 +1,67 @@
+"""The TargetService servicer: a thin adapter from the Verify stream to TargetSession objects."""
+
+import logging
+
+import grpc
+
+from protos.v1 import pearl_pb2, pearl_pb2_grpc
+from specdec.serving import ModelRunner, Server, model_info
+from target_service.verifier import ProtocolError, TargetSession, Verdict
+
+log = logging.getLogger("pearl.target")
+
+
+def to_pb(v: Verdict, window_id: int, phase: str) -> pearl_pb2.VerifyResponse:
+    return pearl_pb2.VerifyResponse(result=pearl_pb2.VerifyResult(
+        position=v.position, verified=v.verified, accepted=v.accepted, token_id=v.token_id,
+        committed=v.committed, forward_ns=v.forward_ns, started_unix_ns=v.started_unix_ns,
+        window_id=window_id, phase=phase, input_tokens=v.input_tokens))
+
+
+class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.runner = ModelRunner("target")
+        self.live = 0
+
+    async def GetModelInfo(self, request, context):
+        return model_info(self.loaded, self.live)
+
+    async def Verify(self, request_iterator, context):
+        session: TargetSession | None = None
+        self.live += 1
+        try:
+            async for req in request_iterator:
+                kind = req.WhichOneof("kind")
+                try:
+                    if kind == "start":
+                        if session is not None:
+                            raise ProtocolError("start sent twice on one stream")
+                        session = TargetSession(self.loaded.model, list(req.start.prompt_ids),
+                                                self.loaded.model.config.max_position_embeddings)
+                        verdict = await self.runner.run(session.start)
+                        yield to_pb(verdict, 0, "start")
+                    elif kind == "window":
+                        if session is None:
+                            raise ProtocolError("window before start")
+                        w = req.window
+                        verdict = await self.runner.run(session.verify, w.position,
+                                                        list(w.draft_ids))
+                        yield to_pb(verdict, w.window_id, w.phase)
+                    elif kind == "stop":
+                        return
+                    else:
+                        raise ProtocolError("empty VerifyRequest")
+                except ProtocolError as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self.live -= 1
+
+
+async def serve(loaded, port: int, host: str = "[::]") -> tuple[Server, TargetServicer]:
+    servicer = TargetServicer(loaded)
+    server = Server([pearl_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name])
+    pearl_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server.grpc)
+    await server.start(port, host)
+    log.info("target service on port %d (%s)", server.port, loaded.name)
+    return server, servicer
