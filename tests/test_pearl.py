@@ -1,0 +1,161 @@
+"""The PEARL schedule: stale proposals, the mode switch, real overlap, early window ends."""
+
+import asyncio
+import copy
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cluster import Cluster
+from conftest import greedy_reference, noisy_copy
+from coordinator.links import Event
+from coordinator.output import Output
+from coordinator.schedule import Pearl, Plan, Timing
+from pearl.client import Client
+from specdec.models import LoadedModel, tiny_loaded, tiny_tokenizer
+from specdec.stats import Recorder, intersection
+
+# -- the state machine alone, with fake links ----------------------------------------------------
+
+
+class FakeLink:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        async def record(*args):
+            self.calls.append((name, *args))
+        return record
+
+
+def proposal(window_id, position, token):
+    return SimpleNamespace(window_id=window_id, position=position, token_id=token,
+                           forward_ns=1000, input_tokens=1)
+
+
+def verdict(position, verified, accepted, token, phase="post"):
+    return SimpleNamespace(position=position, verified=verified, accepted=accepted,
+                           token_id=token, committed=position + accepted + 1, forward_ns=3000,
+                           phase=phase)
+
+
+def test_stale_proposals_are_dropped_and_modes_switch():
+    async def scenario():
+        L, events = 4, asyncio.Queue()
+        draft, target = FakeLink(), FakeLink()
+        plan = Plan("s", [1, 2, 3, 4], max_new_tokens=50, max_positions=1000, gamma=3)
+        out = Output(tiny_tokenizer(), 50, [], [])
+        rec = Recorder("pearl", L)
+        p = Pearl(plan, target, draft, events, out, rec, Timing())
+        task = asyncio.create_task(p.run())
+        put = lambda src, msg: events.put_nowait(Event(src, msg, time.monotonic_ns()))
+        settle = lambda: asyncio.sleep(0.01)
+
+        await settle()
+        assert target.calls[0][0] == "start"
+        assert draft.calls[0][:1] == ("start",) and draft.calls[0][3:] == (1, L + 3)
+        put("draft", proposal(1, L, 50))
+        put("target", verdict(L, 0, 0, 50, "start"))  # first token == draft's: judged by bonus
+        await settle()
+        assert p.mode == "post" and p.committed[-1] == 50
+        put("draft", proposal(1, L + 1, 51))
+        put("draft", proposal(1, L + 2, 52))
+        await settle()
+        assert target.calls[-1] == ("verify", L + 1, [51, 52], 1, "post")
+        assert draft.calls[-1] == ("extend", 2, L + 6)  # next window drafted meanwhile
+        put("draft", proposal(2, L + 3, 53))
+        put("target", verdict(L + 1, 2, 1, 99))  # 52 rejected, correction 99
+        await settle()
+        assert p.mode == "pre"
+        assert draft.calls[-1] == ("rollback", L + 2, [99], 3, L + 6)
+        put("draft", proposal(2, L + 4, 54))  # window 2 is stale now
+        await settle()
+        assert rec.stale == 1 and L + 4 not in p.drafted
+        put("draft", proposal(3, L + 3, 60))  # the new window's first token: pre-verify at once
+        await settle()
+        assert target.calls[-1] == ("verify", L + 3, [60], 3, "pre")
+        assert p.committed[L:] == [50, 51, 99]
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+# -- real services: overlap measured from the models' own forward timestamps ---------------------
+
+
+def timed(loaded: LoadedModel) -> tuple[LoadedModel, list]:
+    """A copy of ``loaded`` whose forward passes record their [start, end) monotonic times."""
+    model = copy.deepcopy(loaded.model)
+    spans: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(lambda m, a: spans.append((time.monotonic_ns(), None)))
+
+    def done(m, a, out):
+        spans[-1] = (spans[-1][0], time.monotonic_ns())
+    model.register_forward_hook(done)
+    return LoadedModel(loaded.name, model, loaded.tokenizer, loaded.device, loaded.dtype), spans
+
+
+@pytest.fixture(scope="module")
+def slow_pair():
+    """Tiny models big enough that a forward pass is mostly compute, not Python."""
+    target = tiny_loaded(5, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
+                         intermediate_size=1024)
+    draft = noisy_copy(tiny_loaded(5, hidden_size=384, num_layers=6, num_heads=6,
+                                   num_kv_heads=2, intermediate_size=1024), 3, 0.08)
+    # The draft drops to 2 layers: cheaper than the target, as a draft is.
+    draft.model.model.layers = draft.model.model.layers[:2]
+    draft.model.config.num_hidden_layers = 2
+    return timed(draft), timed(target)
+
+
+def test_pearl_overlaps_and_sd_does_not(slow_pair):
+    (draft, dspans), (target, tspans) = slow_pair
+    c = Cluster(draft, target)
+    prompt = list(range(30, 60))
+    ref = greedy_reference(target, prompt, 48)
+    try:
+        with Client(c.address) as cl:
+            cl.complete(prompt, mode="pearl", max_new_tokens=8)  # calibrate gamma
+            results = {}
+            for mode in ("sd", "pearl"):
+                dspans.clear()
+                tspans.clear()
+                r = cl.complete(prompt, mode=mode, max_new_tokens=48, gamma=3 if mode == "sd" else 0)
+                assert r.token_ids == ref
+                results[mode] = (r.stats, intersection(list(dspans), list(tspans)) / 1e9)
+    finally:
+        c.close()
+    s, measured = results["pearl"]
+    assert measured > 0.1 * s["wall_s"], "draft and target forwards must overlap in time"
+    assert s["both_busy_s"] > 0
+    assert s["both_busy_s"] == pytest.approx(measured, abs=0.15 * s["wall_s"])
+    assert s["overlap_ratio"] == pytest.approx(s["both_busy_s"] / s["wall_s"])
+    s, measured = results["sd"]
+    assert measured < 0.02 * s["wall_s"]
+    assert s["overlap_ratio"] < 0.05
+
+
+def test_wrong_first_token_ends_window_early(tiny_target):
+    """A draft that is always wrong: pearl abandons each window after its first token."""
+    draft = copy.copy(tiny_target)
+    draft.model = copy.deepcopy(tiny_target.model)
+    with torch.no_grad():
+        draft.model.lm_head.weight.zero_()  # all logits 0: the draft always proposes token 0
+    prompt = [9, 8, 7, 6, 5]
+    ref = greedy_reference(tiny_target, prompt, 40)
+    assert 0 not in ref, "the test needs a target that never picks token 0"
+    c = Cluster(LoadedModel(**vars(draft)), tiny_target)
+    try:
+        with Client(c.address) as cl:
+            sd = cl.complete(prompt, mode="sd", max_new_tokens=40, gamma=8)
+            pearl = cl.complete(prompt, mode="pearl", max_new_tokens=40, gamma=8)
+    finally:
+        c.close()
+    assert sd.token_ids == pearl.token_ids == ref
+    assert sd.stats["accepted_tokens"] == pearl.stats["accepted_tokens"] == 0
+    assert set(pearl.stats["draft_length_histogram"]) == {1}  # every window cut after one token
+    assert set(sd.stats["draft_length_histogram"]) == {8} | {n for n in range(1, 8)}.intersection(
+        sd.stats["draft_length_histogram"])
+    assert pearl.stats["draft_forwards"] < sd.stats["draft_forwards"]

@@ -1,0 +1,140 @@
+"""The internal streams over real gRPC on loopback: message sequences, rollback, interleaving,
+and protocol errors answered with INVALID_ARGUMENT."""
+
+import queue
+
+import grpc
+import pytest
+
+from conftest import greedy_reference
+from protos.v1 import pearl_pb2 as pb
+from protos.v1 import pearl_pb2_grpc
+
+PROMPT = [11, 12, 13, 14, 15]
+
+
+class Stream:
+    """A synchronous bidirectional stream: ``send`` requests, ``recv`` responses."""
+
+    def __init__(self, method):
+        self.q: queue.Queue = queue.Queue()
+        self.responses = method(iter(self.q.get, None), timeout=60)
+
+    def send(self, msg) -> None:
+        self.q.put(msg)
+
+    def recv(self):
+        return next(self.responses)
+
+    def close(self) -> None:
+        self.q.put(None)
+
+
+def draft_stream(cluster) -> Stream:
+    ch = grpc.insecure_channel(cluster.draft_address)
+    return Stream(pearl_pb2_grpc.DraftServiceStub(ch).Draft)
+
+
+def target_stream(cluster) -> Stream:
+    ch = grpc.insecure_channel(cluster.target_address)
+    return Stream(pearl_pb2_grpc.TargetServiceStub(ch).Verify)
+
+
+def test_draft_start_extend_rollback_stop(cluster, tiny_draft):
+    L = len(PROMPT)
+    ref = greedy_reference(tiny_draft, PROMPT, 5)
+    s = draft_stream(cluster)
+    s.send(pb.DraftRequest(start=pb.DraftStart(session_id="a", prompt_ids=PROMPT, window_id=1,
+                                               draft_until=L + 3)))
+    props = [s.recv().proposal for _ in range(3)]
+    assert [p.position for p in props] == [L, L + 1, L + 2]
+    assert [p.window_id for p in props] == [1, 1, 1]
+    assert [p.token_id for p in props] == ref[:3]
+    assert props[0].input_tokens == L and props[1].input_tokens == 1
+    assert all(p.forward_ns > 0 for p in props)
+
+    s.send(pb.DraftRequest(extend=pb.DraftExtend(window_id=2, draft_until=L + 5)))
+    props = [s.recv().proposal for _ in range(2)]
+    assert [(p.position, p.window_id) for p in props] == [(L + 3, 2), (L + 4, 2)]
+    assert [p.token_id for p in props] == ref[3:5]
+
+    x = (ref[1] + 1) % 512  # a correction that differs from what the draft had
+    s.send(pb.DraftRequest(rollback=pb.DraftRollback(keep=L + 1, append_ids=[x], window_id=3,
+                                                     draft_until=L + 4)))
+    props = [s.recv().proposal for _ in range(2)]
+    expect = greedy_reference(tiny_draft, PROMPT + [ref[0], x], 2)
+    assert [(p.position, p.window_id) for p in props] == [(L + 2, 3), (L + 3, 3)]
+    assert [p.token_id for p in props] == expect
+    s.send(pb.DraftRequest(stop=pb.DraftStop()))
+    with pytest.raises(StopIteration):
+        s.recv()
+
+
+def test_target_start_verify(cluster, tiny_target):
+    L = len(PROMPT)
+    ref = greedy_reference(tiny_target, PROMPT, 6)
+    s = target_stream(cluster)
+    s.send(pb.VerifyRequest(start=pb.VerifyStart(session_id="t", prompt_ids=PROMPT)))
+    r = s.recv().result
+    assert (r.position, r.token_id, r.committed, r.phase) == (L, ref[0], L + 1, "start")
+    wrong = (ref[3] + 1) % 512
+    s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=L + 1, draft_ids=[ref[1], ref[2], wrong],
+                                                   window_id=4, phase="post")))
+    r = s.recv().result
+    assert (r.verified, r.accepted, r.token_id, r.committed) == (3, 2, ref[3], L + 4)
+    assert (r.window_id, r.phase, r.input_tokens) == (4, "post", 4)
+    s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=L + 4, draft_ids=[ref[4]])))
+    r = s.recv().result
+    assert (r.accepted, r.token_id, r.committed) == (1, ref[5], L + 6)  # bonus
+    s.close()
+
+
+def test_interleaved_sessions(cluster, tiny_target):
+    prompts = [PROMPT, [40, 41, 42], [7, 8, 9, 10, 11, 12, 13]]
+    refs = [greedy_reference(tiny_target, p, 4) for p in prompts]
+    streams = [target_stream(cluster) for _ in prompts]
+    for s, p in zip(streams, prompts):
+        s.send(pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=p)))
+    got = [[s.recv().result.token_id] for s in streams]
+    for step in range(3):
+        for i, (s, p) in enumerate(zip(streams, prompts)):
+            s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=len(p) + step + 1)))
+        for i, s in enumerate(streams):
+            got[i].append(s.recv().result.token_id)
+    assert got == refs
+    for s in streams:
+        s.close()
+
+
+@pytest.mark.parametrize("messages,fragment", [
+    ([pb.VerifyRequest(window=pb.VerifyWindow(position=3, draft_ids=[1]))], "before start"),
+    ([pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=PROMPT)),
+      pb.VerifyRequest(window=pb.VerifyWindow(position=99, draft_ids=[1]))], "position=99"),
+    ([pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=[]))], "prompt_ids is empty"),
+])
+def test_target_protocol_errors(cluster, messages, fragment):
+    s = target_stream(cluster)
+    for m in messages:
+        s.send(m)
+    with pytest.raises(grpc.RpcError) as e:
+        while True:
+            s.recv()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in e.value.details()
+
+
+@pytest.mark.parametrize("messages,fragment", [
+    ([pb.DraftRequest(extend=pb.DraftExtend(window_id=1, draft_until=9))], "extend before start"),
+    ([pb.DraftRequest(start=pb.DraftStart(prompt_ids=PROMPT, window_id=1, draft_until=6)),
+      pb.DraftRequest(rollback=pb.DraftRollback(keep=50, window_id=2, draft_until=60))],
+     "rollback.keep=50"),
+])
+def test_draft_protocol_errors(cluster, messages, fragment):
+    s = draft_stream(cluster)
+    for m in messages:
+        s.send(m)
+    with pytest.raises(grpc.RpcError) as e:
+        while True:
+            s.recv()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in e.value.details()
