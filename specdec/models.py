@@ -1,0 +1,172 @@
+"""Model loading for the services: real models by name, and tiny random ones for tests.
+
+`load_model` resolves a name through `model_store` (registry model, local folder or Hugging Face id)
+and returns the model, its tokenizer, device and dtype together. `tiny_model` builds a small random
+Qwen2 from a config in code; two seeds give a draft and a target that share one vocabulary, and
+`tiny_loaded` pairs it with a character-level tokenizer built in code (no download).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from specdec import model_store
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float16": torch.float16,
+}
+DEVICES = ("cpu", "cuda")
+UNK = "<unk>"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what the services need to know about it."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+
+
+def parse_device(device: str) -> torch.device:
+    """`cpu` or `cuda` (`cuda:N` too); CUDA must be available."""
+    dev = torch.device(device)
+    if dev.type not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def parse_dtype(dtype: str) -> torch.dtype:
+    """One of `bfloat16`, `float32`, `float16`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def set_threads(threads: int | None) -> None:
+    """Limit torch's intra-op threads; one inter-op thread unless it was already fixed."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work has already started
+        pass
+
+
+def load_model(
+    name: str,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load `name` (registry model, local folder or Hugging Face id) in eval mode on `device`."""
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    set_threads(threads)
+    path = model_store.resolve(name, cache_dir=cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    model = model.to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=dev, dtype=dt)
+
+
+def tiny_config(
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 1024,
+) -> Qwen2Config:
+    """A small Qwen2 config with no special tokens, so generation never stops early."""
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attn_implementation="sdpa",
+    )
+
+
+def tiny_model(
+    seed: int,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 1024,
+) -> Qwen2ForCausalLM:
+    """A random float32 Qwen2 in eval mode, its weights fixed by `seed`."""
+    config = tiny_config(
+        vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+        max_position_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32).eval()
+    gc = model.generation_config
+    gc.bos_token_id = gc.eos_token_id = gc.pad_token_id = None
+    return model
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer of exactly `vocab_size` ids, built in code.
+
+    Id 0 is `<unk>`; then the printable ASCII characters (space first) one id each; the remaining
+    ids are pieces `<i>` that only decode (text never encodes to them). Text round-trips through
+    encode/decode when it uses only characters in the vocabulary; anything else encodes to `<unk>`.
+    Its `backend_tokenizer.to_str()` is self-contained: `Tokenizer.from_str` of it works alone.
+    """
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    chars = [" "] + [c for c in string.printable if not c.isspace()] + ["\n", "\t"]
+    pieces = [UNK, *chars][:vocab_size]
+    pieces += [f"<{i}>" for i in range(len(pieces), vocab_size)]
+    tok = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([UNK])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, clean_up_tokenization_spaces=False)
+
+
+def tiny_loaded(seed: int, **kw: Any) -> LoadedModel:
+    """`tiny_model(seed, **kw)` with a matching `tiny_tokenizer`, on CPU in float32."""
+    model = tiny_model(seed, **kw)
+    tokenizer = tiny_tokenizer(model.config.vocab_size)
+    return LoadedModel(
+        name=f"tiny-{seed}", model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32
+    )
