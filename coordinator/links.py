@@ -62,7 +62,7 @@ class DraftLink(_Link):
         return resp.proposal
 
     async def start(self, session_id: str, prompt_ids: list[int], window_id: int,
-                    draft_until: int, sampling: pb.SamplingParams | None = None) -> None:
+                    draft_until: int, sampling: pb.SamplingParams) -> None:
         await self.call.write(pb.DraftRequest(start=pb.DraftStart(
             session_id=session_id, prompt_ids=prompt_ids, sampling=sampling,
             window_id=window_id, draft_until=draft_until)))
@@ -90,15 +90,17 @@ class TargetLink(_Link):
     def _unwrap(self, resp):
         return resp.result
 
-    async def start(self, session_id: str, prompt_ids: list[int],
-                    sampling: pb.SamplingParams | None = None) -> None:
+    async def start(self, session_id: str, prompt_ids: list[int], sampling: pb.SamplingParams,
+                    first_token: bool) -> None:
         await self.call.write(pb.VerifyRequest(start=pb.VerifyStart(
-            session_id=session_id, prompt_ids=prompt_ids, sampling=sampling)))
+            session_id=session_id, prompt_ids=prompt_ids, sampling=sampling,
+            first_token=first_token)))
 
-    async def verify(self, position: int, draft_ids: list[int], window_id: int,
-                     phase: str) -> None:
+    async def verify(self, position: int, draft_ids: list[int], qs: list, window_id: int,
+                     phase: str, bonus: bool = False, held: bool = False) -> None:
         await self.call.write(pb.VerifyRequest(window=pb.VerifyWindow(
-            position=position, draft_ids=draft_ids, window_id=window_id, phase=phase)))
+            position=position, draft_ids=draft_ids, q=[q for q in qs if q is not None],
+            window_id=window_id, phase=phase, bonus=bonus, held=held)))
 
     async def stop(self) -> None:
         await self.close(pb.VerifyRequest(stop=pb.VerifyStop()))

@@ -1,22 +1,26 @@
 """The decoding schedules: ar, sd and pearl (DESIGN.md section 4).
 
 Every schedule talks to the target through one Verify stream and (sd, pearl) to the draft through
-one Draft stream, and commits what the target decides. The target's answer to a window of n
-draft tokens at position L is (accepted k, token t): positions L..L+k-1 keep the draft tokens,
-position L+k gets t (the correction if k < n, the bonus if k == n). Its answer to the start is the
-first new token (k = n = 0). Everything below is bookkeeping of that one rule.
+one Draft stream, and commits what the target decides. The target's answer to a window of n draft
+tokens at position L is (accepted k, token t): positions L..L+k-1 keep the draft tokens, and
+position L+k gets t: the correction if k < n, the bonus if k == n and a bonus was asked for.
+Without a bonus the target instead *holds* the distribution of position L+n, and the draft's
+token there is judged with it later at no forward-pass cost ("held" verdict). Everything below
+is bookkeeping of that one rule.
 
-- ar: start, then windows of zero draft tokens: one token per target forward.
-- sd: the draft drafts gamma tokens, the target verifies them, the draft rolls back; in turn.
+- ar: start (first token), then windows of zero draft tokens: one token per target forward.
+- sd: the draft drafts gamma tokens, the target verifies them (with a bonus), the draft rolls
+  back; strictly in turn.
 - pearl: draft and target run at the same time.
     pre-verify  (at start and after a rejection): the first token of a new window goes to the
                 target the moment it arrives while the draft drafts the rest of the window.
-    post-verify (after a fully accepted window): the target verifies the rest of the current
-                window while the draft drafts the next one.
+    post-verify (after an accepted window): the target verifies the rest of the current window
+                while the draft drafts the next one.
   A rejection commits the accepted prefix and the correction, rolls the draft back (its windows in
-  flight become stale) and switches to pre. A fully accepted window gives a bonus token; the
-  draft's own token at that position (drafted meanwhile) is judged against it: equal, the run
-  goes on in post; different, it is a rejection like any other.
+  flight become stale) and switches to pre. pearl never takes a bonus: after a fully accepted
+  window the draft's own next token (drafted meanwhile) is judged with the held distribution, so
+  every position is decided by the same rule on the draft token at that position. The output is
+  therefore independent of window lengths and of timing, for greedy and seeded sampling alike.
   gamma = ceil(t_verify / t_draft) from the services' measured forward times, clamped to
   [1, gamma_max], unless a fixed gamma is asked for.
 """
@@ -47,6 +51,7 @@ class Plan:
     max_positions: int  # the smaller of the two models' context lengths
     gamma: int | None = None  # fixed window; None = adaptive (pearl)
     gamma_max: int = 8
+    sampling: object = None  # SamplingParams, passed to the services as it is
 
 
 class Timing:
@@ -110,7 +115,7 @@ class Schedule:
         if ev.source == "draft":
             self.rec.draft_forward(ev.arrived_ns, ev.msg.forward_ns)
             self.timing.draft(ev.msg.forward_ns, ev.msg.input_tokens)
-        else:
+        elif ev.msg.input_tokens:  # a held verdict ran no forward pass
             self.rec.target_forward(ev.arrived_ns, ev.msg.forward_ns)
             if ev.msg.phase != "start":
                 self.timing.verify(ev.msg.forward_ns)
@@ -131,28 +136,31 @@ class Schedule:
 
 async def run_ar(s: Schedule) -> None:
     """The target alone: one token per forward pass."""
-    await s.target.start(s.plan.session_id, s.plan.prompt_ids)
+    await s.target.start(s.plan.session_id, s.plan.prompt_ids, s.plan.sampling, True)
     while True:
         r = await s.next_from("target")
         if s.commit([r.token_id]):
             return
-        await s.target.verify(len(s.committed), [], 0, "ar")
+        await s.target.verify(len(s.committed), [], [], 0, "ar", bonus=True)
 
 
 async def run_sd(s: Schedule, gamma: int) -> None:
     """Vanilla speculative decoding: draft a window, verify it, roll back; strictly in turn."""
-    await s.target.start(s.plan.session_id, s.plan.prompt_ids)
+    await s.target.start(s.plan.session_id, s.plan.prompt_ids, s.plan.sampling, True)
     r = await s.next_from("target")
     if s.commit([r.token_id]):
         return
     n = s.window_len(gamma, len(s.committed))
     wid = s.take_window_id()
     s.rec.window(n)
-    await s.draft.start(s.plan.session_id, s.committed, wid, len(s.committed) + n)
+    await s.draft.start(s.plan.session_id, s.committed, wid, len(s.committed) + n,
+                        s.plan.sampling)
     while True:
         position = len(s.committed)
-        window = [(await s.next_from("draft")).token_id for _ in range(n)]
-        await s.target.verify(position, window, wid, "sd")
+        props = [await s.next_from("draft") for _ in range(n)]
+        window = [p.token_id for p in props]
+        qs = [p.q if p.HasField("q") else None for p in props]
+        await s.target.verify(position, window, qs, wid, "sd", bonus=True)
         r = await s.next_from("target")
         s.rec.verified(wid, 0, len(window), r.accepted)
         if s.commit(window[: r.accepted] + [r.token_id]):
@@ -175,21 +183,22 @@ class Pearl(Schedule):
 
     async def run(self) -> None:
         self.mode = "pre"
-        self.drafted: dict[int, tuple[int, int]] = {}  # position -> (token, window id)
+        self.drafted: dict[int, tuple[int, int, object]] = {}  # position -> (token, window, q)
         self.windows: list[Window] = []  # the draft's live windows, in order
         self.starts: dict[int, int] = {}  # window id -> start position (for statistics)
         self.oldest_live = 1  # proposals of older windows are stale
         self.inflight: tuple[int, list[int], int] | None = (len(self.committed), [], 0)
-        self.bonus: tuple[int, int] | None = None  # (position, token) awaiting the draft's token
+        self.held = False  # the target holds the distribution of the next position
 
         prompt = self.plan.prompt_ids
-        await self.target.start(self.plan.session_id, prompt)  # prefill both at once
+        # Both prefill at once; the target holds the first position's distribution.
+        await self.target.start(self.plan.session_id, prompt, self.plan.sampling, False)
         w = self.open_window(len(prompt))
-        await self.draft.start(self.plan.session_id, prompt, w.id, w.end)
+        await self.draft.start(self.plan.session_id, prompt, w.id, w.end, self.plan.sampling)
         while True:
             ev = await self.next_event()
-            done = await (self.on_proposal(ev.msg) if ev.source == "draft"
-                          else self.on_verdict(ev.msg))
+            done = (self.on_proposal(ev.msg) if ev.source == "draft"
+                    else await self.on_verdict(ev.msg))
             if done:
                 return
             await self.send_verify()
@@ -217,7 +226,6 @@ class Pearl(Schedule):
         """The draft keeps ``keep`` tokens, appends the target's token, starts a fresh window."""
         self.windows.clear()
         self.drafted.clear()
-        self.bonus = None
         w = self.open_window(keep + 1)
         self.oldest_live = w.id
         self.mode = "pre"
@@ -225,16 +233,11 @@ class Pearl(Schedule):
 
     # -- events ------------------------------------------------------------------------------
 
-    async def on_proposal(self, p) -> bool:
+    def on_proposal(self, p) -> bool:
         if p.window_id < self.oldest_live:
             self.rec.stale += 1
-            return False
-        if self.bonus is not None and p.position == self.bonus[0]:
-            position, token = self.bonus
-            self.bonus = None
-            await self.judge_bonus(position, token, p.token_id, p.window_id)
         elif p.position >= len(self.committed):
-            self.drafted[p.position] = (p.token_id, p.window_id)
+            self.drafted[p.position] = (p.token_id, p.window_id, p.q if p.HasField("q") else None)
         return False
 
     async def on_verdict(self, r) -> bool:
@@ -244,49 +247,41 @@ class Pearl(Schedule):
             self.rec.verified(wid, position - self.starts[wid], len(sent), r.accepted)
         for q in range(position, position + len(sent)):
             self.drafted.pop(q, None)
-        if self.commit(sent[: r.accepted] + [r.token_id]):
+        if self.commit(sent[: r.accepted] + ([r.token_id] if r.has_token else [])):
             return True
-        b = position + r.accepted  # where the target's own token went
-        if r.accepted < len(sent):  # rejection: the correction replaces the draft token
-            await self.rollback(b, r.token_id)
-        elif b in self.drafted:  # fully accepted: judge the draft's next token by the bonus
-            token, bwid = self.drafted.pop(b)
-            await self.judge_bonus(b, r.token_id, token, bwid)
-        elif self.until > b:  # the draft is drafting it right now
-            self.bonus = (b, r.token_id)
-        else:  # the draft had nothing more to draft: continue it from the bonus, pre-verify
-            await self.rollback(b, r.token_id)
-        return False
-
-    async def judge_bonus(self, position: int, token: int, drafted: int, wid: int) -> None:
-        matched = drafted == token
-        self.rec.verified(wid, position - self.starts[wid], 1, int(matched))
-        if matched:
+        if r.has_token:  # a rejection: the correction replaces the draft token
+            await self.rollback(position + r.accepted, r.token_id)
+        elif sent:  # all accepted: go on verifying behind them
             self.mode = "post"
-        else:
-            await self.rollback(position, token)
+        self.held = not r.has_token and r.phase != "held"  # a held verdict used it up
+        return False
 
     # -- the target's next job ---------------------------------------------------------------
 
     async def send_verify(self) -> None:
-        if self.inflight is not None or self.bonus is not None:
+        if self.inflight is not None:
             return
         L = len(self.committed)
         self.windows = [w for w in self.windows if w.end > L]
-        if self.mode == "pre":
-            if L in self.drafted:  # the window's first token, the moment it exists
-                token, wid = self.drafted[L]
-                await self.verify(L, [token], wid, "pre")
-            return
-        if not self.windows:
+        if not self.windows:  # the draft has drafted all it was asked for (until == L)
             await self.extend()
+            self.mode = "pre"
             return
-        w = self.windows[0]  # the rest of the current window
-        if all(q in self.drafted for q in range(L, w.end)):
-            await self.verify(L, [self.drafted[q][0] for q in range(L, w.end)], w.id, "post")
-            if len(self.windows) == 1:  # draft the next window while the target verifies
-                await self.extend()
+        if L not in self.drafted:
+            return
+        if self.held:  # judge the draft's token with the held distribution: no forward pass
+            await self.verify([L], "held")
+        elif self.mode == "pre":  # the window's first token, the moment it exists
+            await self.verify([L], "pre")
+        else:  # the rest of the current window, once drafted
+            w = self.windows[0]
+            if all(q in self.drafted for q in range(L, w.end)):
+                await self.verify(range(L, w.end), "post")
+                if len(self.windows) == 1:  # draft the next window while the target verifies
+                    await self.extend()
 
-    async def verify(self, position: int, tokens: list[int], wid: int, phase: str) -> None:
-        self.inflight = (position, tokens, wid)
-        await self.target.verify(position, tokens, wid, phase)
+    async def verify(self, positions, phase: str) -> None:
+        tokens, wids, qs = zip(*(self.drafted[q] for q in positions))
+        self.inflight = (positions[0], list(tokens), wids[0])
+        await self.target.verify(positions[0], list(tokens), list(qs), wids[0], phase,
+                                 held=phase == "held")

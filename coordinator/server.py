@@ -3,6 +3,7 @@ streams the committed text. Protobuf is converted here and nowhere in the schedu
 
 import asyncio
 import logging
+import secrets
 import uuid
 
 import grpc
@@ -16,6 +17,7 @@ from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
 from specdec.serving import CHANNEL_OPTIONS, Server
 from specdec.stats import Recorder
+from specdec.wire import sampling_from_pb, sampling_to_pb
 
 log = logging.getLogger("pearl.coordinator")
 
@@ -90,8 +92,13 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
             raise InvalidRequest(f"mode {mode} needs a draft service; this coordinator has none")
         if req.max_new_tokens <= 0:
             raise InvalidRequest("max_new_tokens must be > 0")
-        if req.sampling.temperature != 0:
-            raise InvalidRequest("sampling.temperature: only greedy decoding (0) is served")
+        try:
+            sampling = sampling_from_pb(req.sampling)
+        except ValueError as e:
+            raise InvalidRequest(f"sampling.{e}") from None
+        if not req.sampling.HasField("seed"):  # unseeded: a fresh seed per request
+            sampling = type(sampling)(sampling.temperature, sampling.top_k, sampling.top_p,
+                                      secrets.randbits(63))
         if req.gamma > GAMMA_LIMIT or req.gamma_max > GAMMA_LIMIT:
             raise InvalidRequest(f"gamma and gamma_max must be <= {GAMMA_LIMIT}")
         ids = self.prompt_ids(req)
@@ -102,7 +109,7 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         gamma_max = req.gamma_max or self.default_gamma_max
         gamma = req.gamma or (self.default_gamma if mode == "sd" else None)
         return mode, Plan(uuid.uuid4().hex, ids, req.max_new_tokens, self.max_positions,
-                          gamma, gamma_max)
+                          gamma, gamma_max, sampling_to_pb(sampling))
 
     async def Generate(self, request, context):
         try:

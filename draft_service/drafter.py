@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.acceptance import choose_greedy
 from specdec.kv import CachedSequence
+from specdec.sampling import DRAFT, Sampling, WireDist, compress, uniform, warp
 
 
 class ProtocolError(ValueError):
@@ -23,6 +23,7 @@ class Proposal:
     forward_ns: int
     started_unix_ns: int
     input_tokens: int
+    q: WireDist | None = None  # the distribution the token was drawn from (sampling only)
 
 
 class DraftSession:
@@ -33,10 +34,15 @@ class DraftSession:
     """
 
     def __init__(self, model: torch.nn.Module, prompt_ids: list[int], window_id: int, goal: int,
-                 max_positions: int):
+                 max_positions: int, sampling: Sampling = Sampling(), q_tail: float = 1e-4):
         if not prompt_ids:
             raise ProtocolError("start.prompt_ids is empty")
+        vocab = model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ProtocolError(f"start.prompt_ids holds ids outside the vocabulary of {vocab}")
         self.max_positions = max_positions
+        self.sampling = sampling
+        self.q_tail = q_tail
         self.seq = CachedSequence(model, prompt_ids)
         self.windows: list[tuple[int, int]] = [(len(prompt_ids), window_id)]
         self.goal = self._checked_goal(goal, "start.draft_until")
@@ -76,7 +82,12 @@ class DraftSession:
         """Draft one token at the end of the sequence (one forward pass)."""
         f = self.seq.forward(keep=1)
         position = len(self.seq)
-        token = choose_greedy(f.logits[-1])
+        q = None
+        if self.sampling.greedy:  # q is one-hot: the id alone says it
+            token = int(f.logits[-1].argmax())
+        else:  # draw from the very distribution that will cross the wire
+            q = compress(warp(f.logits[-1], self.sampling), self.q_tail)
+            token = q.sample(uniform(self.sampling.seed, position, DRAFT))
         self.seq.extend([token])
         return Proposal(self.window_of(position), position, token, f.forward_ns,
-                        f.started_unix_ns, f.input_tokens)
+                        f.started_unix_ns, f.input_tokens, q)

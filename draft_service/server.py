@@ -8,6 +8,7 @@ import grpc
 from draft_service.drafter import DraftSession, Proposal, ProtocolError
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
 from specdec.serving import ModelRunner, Server, model_info
+from specdec.wire import dist_to_pb, sampling_from_pb
 
 log = logging.getLogger("pearl.draft")
 
@@ -15,12 +16,14 @@ log = logging.getLogger("pearl.draft")
 def to_pb(p: Proposal) -> pearl_pb2.DraftResponse:
     return pearl_pb2.DraftResponse(proposal=pearl_pb2.DraftProposal(
         window_id=p.window_id, position=p.position, token_id=p.token_id,
-        forward_ns=p.forward_ns, started_unix_ns=p.started_unix_ns, input_tokens=p.input_tokens))
+        forward_ns=p.forward_ns, started_unix_ns=p.started_unix_ns, input_tokens=p.input_tokens,
+        q=dist_to_pb(p.q) if p.q is not None else None))
 
 
 class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
-    def __init__(self, loaded):
+    def __init__(self, loaded, q_tail: float = 1e-4):
         self.loaded = loaded
+        self.q_tail = q_tail
         self.runner = ModelRunner("draft")
         self.live = 0
 
@@ -68,9 +71,13 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
             if session is not None:
                 raise ProtocolError("start sent twice on one stream")
             s = req.start
+            try:
+                sampling = sampling_from_pb(s.sampling)
+            except ValueError as e:
+                raise ProtocolError(f"start.sampling: {e}") from None
             max_pos = self.loaded.model.config.max_position_embeddings
             return DraftSession(self.loaded.model, list(s.prompt_ids), s.window_id,
-                                s.draft_until, max_pos)
+                                s.draft_until, max_pos, sampling, self.q_tail)
         if session is None:
             raise ProtocolError(f"{kind} before start")
         if kind == "extend":
@@ -83,8 +90,9 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
         return session
 
 
-async def serve(loaded, port: int, host: str = "[::]") -> tuple[Server, DraftServicer]:
-    servicer = DraftServicer(loaded)
+async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4
+                ) -> tuple[Server, DraftServicer]:
+    servicer = DraftServicer(loaded, q_tail)
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name])
     pearl_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.grpc)
     await server.start(port, host)

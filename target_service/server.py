@@ -6,6 +6,7 @@ import grpc
 
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
 from specdec.serving import ModelRunner, Server, model_info
+from specdec.wire import dist_from_pb, sampling_from_pb
 from target_service.verifier import ProtocolError, TargetSession, Verdict
 
 log = logging.getLogger("pearl.target")
@@ -13,7 +14,8 @@ log = logging.getLogger("pearl.target")
 
 def to_pb(v: Verdict, window_id: int, phase: str) -> pearl_pb2.VerifyResponse:
     return pearl_pb2.VerifyResponse(result=pearl_pb2.VerifyResult(
-        position=v.position, verified=v.verified, accepted=v.accepted, token_id=v.token_id,
+        position=v.position, verified=v.verified, accepted=v.accepted,
+        token_id=v.token_id if v.token_id is not None else 0, has_token=v.token_id is not None,
         committed=v.committed, forward_ns=v.forward_ns, started_unix_ns=v.started_unix_ns,
         window_id=window_id, phase=phase, input_tokens=v.input_tokens))
 
@@ -27,6 +29,15 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
     async def GetModelInfo(self, request, context):
         return model_info(self.loaded, self.live)
 
+    def open(self, start: pearl_pb2.VerifyStart) -> TargetSession:
+        try:
+            sampling = sampling_from_pb(start.sampling)
+        except ValueError as e:
+            raise ProtocolError(f"start.sampling: {e}") from None
+        cfg = self.loaded.model.config
+        return TargetSession(self.loaded.model, list(start.prompt_ids),
+                             cfg.max_position_embeddings, sampling)
+
     async def Verify(self, request_iterator, context):
         session: TargetSession | None = None
         self.live += 1
@@ -37,16 +48,20 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                     if kind == "start":
                         if session is not None:
                             raise ProtocolError("start sent twice on one stream")
-                        session = TargetSession(self.loaded.model, list(req.start.prompt_ids),
-                                                self.loaded.model.config.max_position_embeddings)
-                        verdict = await self.runner.run(session.start)
+                        session = self.open(req.start)
+                        verdict = await self.runner.run(session.start, req.start.first_token)
                         yield to_pb(verdict, 0, "start")
                     elif kind == "window":
                         if session is None:
                             raise ProtocolError("window before start")
                         w = req.window
+                        vocab = self.loaded.model.config.vocab_size
+                        try:
+                            qs = [dist_from_pb(q, vocab) for q in w.q]
+                        except ValueError as e:
+                            raise ProtocolError(f"window.q: {e}") from None
                         verdict = await self.runner.run(session.verify, w.position,
-                                                        list(w.draft_ids))
+                                                        list(w.draft_ids), qs, w.bonus, w.held)
                         yield to_pb(verdict, w.window_id, w.phase)
                     elif kind == "stop":
                         return
@@ -54,6 +69,8 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                         raise ProtocolError("empty VerifyRequest")
                 except ProtocolError as e:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                except ValueError as e:  # e.g. a draft token outside its q
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window: {e}")
         finally:
             self.live -= 1
 

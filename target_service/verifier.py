@@ -1,16 +1,19 @@
 """One target session: the committed sequence and the verification of draft windows.
 
 Model code only: no gRPC here. The target is the source of truth: every verdict commits the
-accepted draft tokens plus the target's own next token (correction or bonus), so the KV cache
-always covers the committed sequence but its last token, which the next verification feeds.
+accepted draft tokens and, when it chooses one, its own next token (a correction, a bonus or the
+first token). When it chooses none (a fully accepted window in pearl), it keeps the distribution
+of the next position ("held"), so the draft's token there can be judged without a forward pass
+and every position is decided by the same rule whatever window it arrived in.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from specdec.acceptance import accept_greedy, choose_greedy
+from specdec.acceptance import choose, judge
 from specdec.kv import CachedSequence
+from specdec.sampling import Sampling, WireDist
 
 
 class ProtocolError(ValueError):
@@ -22,47 +25,88 @@ class Verdict:
     position: int  # first verified position (committed length before this verdict)
     verified: int  # draft tokens judged
     accepted: int  # accepted prefix
-    token_id: int  # the target's token at position + accepted
-    committed: int  # committed length after: position + accepted + 1
-    forward_ns: int
-    started_unix_ns: int
-    input_tokens: int
+    token_id: int | None  # the target's token at position + accepted, if it chose one
+    committed: int  # committed length after
+    forward_ns: int = 0
+    started_unix_ns: int = 0
+    input_tokens: int = 0  # 0: no forward pass ran
 
 
 class TargetSession:
-    def __init__(self, model: torch.nn.Module, prompt_ids: list[int], max_positions: int):
+    def __init__(self, model: torch.nn.Module, prompt_ids: list[int], max_positions: int,
+                 sampling: Sampling = Sampling()):
         if not prompt_ids:
             raise ProtocolError("start.prompt_ids is empty")
         if len(prompt_ids) >= max_positions:
             raise ProtocolError(
                 f"start.prompt_ids has {len(prompt_ids)} tokens; the model takes {max_positions}")
+        vocab = model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ProtocolError(f"start.prompt_ids holds ids outside the vocabulary of {vocab}")
         self.max_positions = max_positions
+        self.sampling = sampling
         self.seq = CachedSequence(model, prompt_ids)
+        self.held: torch.Tensor | None = None  # logits [vocab] of position len(seq), if kept
+        self.started = False
 
-    def start(self) -> Verdict:
-        """Prefill the prompt and choose the first new token."""
+    def start(self, first_token: bool) -> Verdict:
+        """Prefill the prompt; choose the first new token now or hold its distribution."""
         position = len(self.seq)
         f = self.seq.forward(keep=1)
-        token = choose_greedy(f.logits[-1])
-        self.seq.extend([token])
-        return Verdict(position, 0, 0, token, position + 1, f.forward_ns, f.started_unix_ns,
+        self.started = True
+        token = None
+        if first_token:
+            token = choose(f.logits[-1], self.sampling, position)
+            self.seq.extend([token])
+        else:
+            self.held = f.logits[-1]
+        return Verdict(position, 0, 0, token, len(self.seq), f.forward_ns, f.started_unix_ns,
                        f.input_tokens)
 
-    def verify(self, position: int, draft: list[int]) -> Verdict:
+    def verify(self, position: int, draft: list[int], qs: list[WireDist], bonus: bool,
+               held: bool) -> Verdict:
         """Judge ``draft`` for positions position.. and commit the verdict."""
-        if self.seq.cached == 0:
+        self._check(position, draft, qs, held)
+        if held:  # one token, judged with the kept distribution: no forward pass
+            accepted, token = judge(self.held[None], draft, qs, self.sampling, position, False)
+            self.held = None
+            self.seq.extend(draft if accepted else [token])  # committed, not yet fed
+            timing = (0, 0, 0)
+        else:
+            self.seq.extend(draft)
+            if self.held is not None:  # position's logits are kept: feed only the draft
+                f = self.seq.forward(keep=len(draft))
+                logits = torch.cat([self.held[None], f.logits])
+                self.held = None
+            else:  # feed the last committed token too: logits[i] predicts position + i
+                f = self.seq.forward(keep=len(draft) + 1)
+                logits = f.logits
+            timing = (f.forward_ns, f.started_unix_ns, f.input_tokens)
+            accepted, token = judge(logits, draft, qs, self.sampling, position, bonus)
+            self.seq.truncate(position + accepted)
+            if token is not None:
+                self.seq.extend([token])
+            else:  # all accepted and no bonus: keep the next position's distribution
+                self.held = logits[-1]
+        return Verdict(position, len(draft), accepted, token, len(self.seq), *timing)
+
+    def _check(self, position: int, draft: list[int], qs: list[WireDist], held: bool) -> None:
+        if not self.started:
             raise ProtocolError("window before start")
         if position != len(self.seq):
             raise ProtocolError(
                 f"window.position={position} but the committed length is {len(self.seq)}")
         if position + len(draft) >= self.max_positions:
-            raise ProtocolError(
-                f"window reaches position {position + len(draft)}; the model takes "
-                f"{self.max_positions}")
-        self.seq.extend(draft)
-        f = self.seq.forward(keep=len(draft) + 1)  # logits[i] predicts position + i
-        accepted, token = accept_greedy(f.logits, draft)
-        self.seq.truncate(position + accepted)
-        self.seq.extend([token])
-        return Verdict(position, len(draft), accepted, token, position + accepted + 1,
-                       f.forward_ns, f.started_unix_ns, f.input_tokens)
+            raise ProtocolError(f"window reaches position {position + len(draft)}; the model "
+                                f"takes {self.max_positions}")
+        vocab = self.seq.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in draft):
+            raise ProtocolError(f"window.draft_ids holds ids outside the vocabulary of {vocab}")
+        if not self.sampling.greedy and len(qs) != len(draft):
+            raise ProtocolError(f"window.q has {len(qs)} distributions for {len(draft)} tokens")
+        if not held and self.held is not None and not draft:
+            raise ProtocolError("window without draft tokens while a distribution is held")
+        if held and (self.held is None or len(draft) != 1):
+            raise ProtocolError("window.held needs exactly one draft token and a held "
+                                "distribution (after start without first_token or a fully "
+                                "accepted window without bonus)")

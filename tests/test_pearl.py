@@ -25,27 +25,30 @@ class FakeLink:
         self.calls: list[tuple] = []
 
     def __getattr__(self, name):
-        async def record(*args):
-            self.calls.append((name, *args))
+        async def record(*args, **kw):
+            self.calls.append((name, *args, *kw.values()))
         return record
 
 
 def proposal(window_id, position, token):
     return SimpleNamespace(window_id=window_id, position=position, token_id=token,
-                           forward_ns=1000, input_tokens=1)
+                           forward_ns=1000, input_tokens=1, HasField=lambda name: False)
 
 
-def verdict(position, verified, accepted, token, phase="post"):
+def verdict(position, verified, accepted, token=None, phase="post"):
+    has = token is not None
     return SimpleNamespace(position=position, verified=verified, accepted=accepted,
-                           token_id=token, committed=position + accepted + 1, forward_ns=3000,
-                           phase=phase)
+                           token_id=token or 0, has_token=has,
+                           committed=position + accepted + has, forward_ns=3000,
+                           input_tokens=0 if phase == "held" else verified + 1, phase=phase)
 
 
 def test_stale_proposals_are_dropped_and_modes_switch():
     async def scenario():
         L, events = 4, asyncio.Queue()
         draft, target = FakeLink(), FakeLink()
-        plan = Plan("s", [1, 2, 3, 4], max_new_tokens=50, max_positions=1000, gamma=3)
+        plan = Plan("s", [1, 2, 3, 4], max_new_tokens=50, max_positions=1000, gamma=3,
+                    sampling="S")
         out = Output(tiny_tokenizer(), 50, [], [])
         rec = Recorder("pearl", L)
         p = Pearl(plan, target, draft, events, out, rec, Timing())
@@ -54,28 +57,31 @@ def test_stale_proposals_are_dropped_and_modes_switch():
         settle = lambda: asyncio.sleep(0.01)
 
         await settle()
-        assert target.calls[0][0] == "start"
-        assert draft.calls[0][:1] == ("start",) and draft.calls[0][3:] == (1, L + 3)
+        assert target.calls[0] == ("start", "s", [1, 2, 3, 4], "S", False)  # no first token
+        assert draft.calls[0] == ("start", "s", [1, 2, 3, 4], 1, L + 3, "S")
         put("draft", proposal(1, L, 50))
-        put("target", verdict(L, 0, 0, 50, "start"))  # first token == draft's: judged by bonus
+        put("target", verdict(L, 0, 0, phase="start"))  # the target holds position L
         await settle()
-        assert p.mode == "post" and p.committed[-1] == 50
+        assert target.calls[-1] == ("verify", L, [50], [None], 1, "held", True)
+        put("target", verdict(L, 1, 1, phase="held"))  # accepted without a forward pass
+        await settle()
+        assert p.mode == "post" and p.committed[-1] == 50 and rec.target_forwards == 1
         put("draft", proposal(1, L + 1, 51))
         put("draft", proposal(1, L + 2, 52))
         await settle()
-        assert target.calls[-1] == ("verify", L + 1, [51, 52], 1, "post")
+        assert target.calls[-1] == ("verify", L + 1, [51, 52], [None, None], 1, "post", False)
         assert draft.calls[-1] == ("extend", 2, L + 6)  # next window drafted meanwhile
         put("draft", proposal(2, L + 3, 53))
         put("target", verdict(L + 1, 2, 1, 99))  # 52 rejected, correction 99
         await settle()
-        assert p.mode == "pre"
+        assert p.mode == "pre" and not p.held
         assert draft.calls[-1] == ("rollback", L + 2, [99], 3, L + 6)
         put("draft", proposal(2, L + 4, 54))  # window 2 is stale now
         await settle()
         assert rec.stale == 1 and L + 4 not in p.drafted
         put("draft", proposal(3, L + 3, 60))  # the new window's first token: pre-verify at once
         await settle()
-        assert target.calls[-1] == ("verify", L + 3, [60], 3, "pre")
+        assert target.calls[-1] == ("verify", L + 3, [60], [None], 3, "pre", False)
         assert p.committed[L:] == [50, 51, 99]
         task.cancel()
 

@@ -74,19 +74,47 @@ def test_target_start_verify(cluster, tiny_target):
     L = len(PROMPT)
     ref = greedy_reference(tiny_target, PROMPT, 6)
     s = target_stream(cluster)
-    s.send(pb.VerifyRequest(start=pb.VerifyStart(session_id="t", prompt_ids=PROMPT)))
+    s.send(pb.VerifyRequest(start=pb.VerifyStart(session_id="t", prompt_ids=PROMPT,
+                                                 first_token=True)))
     r = s.recv().result
     assert (r.position, r.token_id, r.committed, r.phase) == (L, ref[0], L + 1, "start")
+    assert r.has_token
     wrong = (ref[3] + 1) % 512
     s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=L + 1, draft_ids=[ref[1], ref[2], wrong],
                                                    window_id=4, phase="post")))
     r = s.recv().result
     assert (r.verified, r.accepted, r.token_id, r.committed) == (3, 2, ref[3], L + 4)
     assert (r.window_id, r.phase, r.input_tokens) == (4, "post", 4)
-    s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=L + 4, draft_ids=[ref[4]])))
+    s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=L + 4, draft_ids=[ref[4]],
+                                                   bonus=True)))
     r = s.recv().result
-    assert (r.accepted, r.token_id, r.committed) == (1, ref[5], L + 6)  # bonus
+    assert (r.accepted, r.token_id, r.committed, r.has_token) == (1, ref[5], L + 6, True)
     s.close()
+
+
+def test_target_holds_the_next_distribution(cluster, tiny_target):
+    """Without first_token or bonus the target keeps the next position's distribution and
+    judges one draft token with it, with no forward pass."""
+    L = len(PROMPT)
+    ref = greedy_reference(tiny_target, PROMPT, 6)
+    s = target_stream(cluster)
+    s.send(pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=PROMPT)))
+    r = s.recv().result
+    assert (r.has_token, r.committed) == (False, L)
+    s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=L, draft_ids=[ref[0]], held=True)))
+    r = s.recv().result
+    assert (r.accepted, r.has_token, r.committed, r.input_tokens) == (1, False, L + 1, 0)
+    s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=L + 1, draft_ids=ref[1:3])))
+    r = s.recv().result  # all accepted, no bonus: position L + 3 is held
+    assert (r.accepted, r.has_token, r.committed, r.input_tokens) == (2, False, L + 3, 3)
+    wrong = (ref[3] + 1) % 512
+    s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=L + 3, draft_ids=[wrong], held=True)))
+    r = s.recv().result
+    assert (r.accepted, r.has_token, r.token_id, r.committed) == (0, True, ref[3], L + 4)
+    s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=L + 4, draft_ids=[ref[4]], held=True)))
+    with pytest.raises(grpc.RpcError) as e:  # nothing is held after a correction
+        s.recv()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_interleaved_sessions(cluster, tiny_target):
@@ -94,11 +122,12 @@ def test_interleaved_sessions(cluster, tiny_target):
     refs = [greedy_reference(tiny_target, p, 4) for p in prompts]
     streams = [target_stream(cluster) for _ in prompts]
     for s, p in zip(streams, prompts):
-        s.send(pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=p)))
+        s.send(pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=p, first_token=True)))
     got = [[s.recv().result.token_id] for s in streams]
     for step in range(3):
         for i, (s, p) in enumerate(zip(streams, prompts)):
-            s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=len(p) + step + 1)))
+            s.send(pb.VerifyRequest(window=pb.VerifyWindow(position=len(p) + step + 1,
+                                                           bonus=True)))
         for i, s in enumerate(streams):
             got[i].append(s.recv().result.token_id)
     assert got == refs
@@ -110,6 +139,11 @@ def test_interleaved_sessions(cluster, tiny_target):
     ([pb.VerifyRequest(window=pb.VerifyWindow(position=3, draft_ids=[1]))], "before start"),
     ([pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=PROMPT)),
       pb.VerifyRequest(window=pb.VerifyWindow(position=99, draft_ids=[1]))], "position=99"),
+    ([pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=PROMPT, sampling=pb.SamplingParams(
+        temperature=-1)))], "temperature must be >= 0"),
+    ([pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=PROMPT, sampling=pb.SamplingParams(
+        temperature=1))),
+      pb.VerifyRequest(window=pb.VerifyWindow(position=5, draft_ids=[1]))], "window.q has 0"),
     ([pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=[]))], "prompt_ids is empty"),
 ])
 def test_target_protocol_errors(cluster, messages, fragment):

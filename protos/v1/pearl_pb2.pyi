@@ -139,28 +139,34 @@ class DraftResponse(_message.Message):
     def __init__(self, proposal: _Optional[_Union[DraftProposal, _Mapping]] = ...) -> None: ...
 
 class VerifyStart(_message.Message):
-    __slots__ = ("session_id", "prompt_ids", "sampling")
+    __slots__ = ("session_id", "prompt_ids", "sampling", "first_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    first_token: bool
+    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., first_token: _Optional[bool] = ...) -> None: ...
 
 class VerifyWindow(_message.Message):
-    __slots__ = ("position", "draft_ids", "q", "window_id", "phase")
+    __slots__ = ("position", "draft_ids", "q", "window_id", "phase", "bonus", "held")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     WINDOW_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
+    BONUS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     position: int
     draft_ids: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[TokenDistribution]
     window_id: int
     phase: str
-    def __init__(self, position: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[TokenDistribution, _Mapping]]] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...
+    bonus: bool
+    held: bool
+    def __init__(self, position: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[TokenDistribution, _Mapping]]] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., bonus: _Optional[bool] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class VerifyStop(_message.Message):
     __slots__ = ()
@@ -177,7 +183,7 @@ class VerifyRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[VerifyStart, _Mapping]] = ..., window: _Optional[_Union[VerifyWindow, _Mapping]] = ..., stop: _Optional[_Union[VerifyStop, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("position", "verified", "accepted", "token_id", "committed", "forward_ns", "started_unix_ns", "window_id", "phase", "input_tokens")
+    __slots__ = ("position", "verified", "accepted", "token_id", "committed", "forward_ns", "started_unix_ns", "window_id", "phase", "input_tokens", "has_token")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +194,7 @@ class VerifyResult(_message.Message):
     WINDOW_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     position: int
     verified: int
     accepted: int
@@ -198,7 +205,8 @@ class VerifyResult(_message.Message):
     window_id: int
     phase: str
     input_tokens: int
-    def __init__(self, position: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., committed: _Optional[int] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., input_tokens: _Optional[int] = ...) -> None: ...
+    has_token: bool
+    def __init__(self, position: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., committed: _Optional[int] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., input_tokens: _Optional[int] = ..., has_token: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("result",)
