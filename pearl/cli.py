@@ -104,6 +104,10 @@ def add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k")
+    p.add_argument("--top-p", type=float, default=None, help="in (0, 1]; unset = no top-p")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(fn=cmd_generate)
 
@@ -118,7 +122,9 @@ def cmd_generate(a) -> None:
         with Client(a.coordinator) as c:
             for part in c.generate(a.prompt, mode=a.mode, max_new_tokens=a.max_new_tokens,
                                    gamma=a.gamma, gamma_max=a.gamma_max, stop=a.stop,
-                                   ignore_eos=a.ignore_eos, chat=a.chat):
+                                   ignore_eos=a.ignore_eos, chat=a.chat,
+                                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                   seed=a.seed):
                 if isinstance(part, Delta):
                     if not a.json:
                         print(part.text, end="", flush=True)
@@ -172,7 +178,9 @@ def cmd_demo(a) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pearl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(required=True)
-    for add in (add_serve, add_generate, add_models, add_demo):
+    from pearl.bench import add_bench
+
+    for add in (add_serve, add_generate, add_models, add_demo, add_bench):
         add(sub)
     a = parser.parse_args(argv)
     a.fn(a)

@@ -66,13 +66,23 @@ class Client:
 
     def generate(self, prompt: str | list[int], mode: str = "pearl", max_new_tokens: int = 64,
                  gamma: int = 0, gamma_max: int = 0, stop: list[str] | None = None,
-                 ignore_eos: bool = False, chat: bool = False) -> Iterator[Delta | Result]:
-        """Stream the committed text as ``Delta`` parts, then one ``Result``."""
+                 ignore_eos: bool = False, chat: bool = False, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float | None = None, seed: int | None = None
+                 ) -> Iterator[Delta | Result]:
+        """Stream the committed text as ``Delta`` parts, then one ``Result``.
+
+        temperature 0 is greedy; top_p None and top_k 0 leave the distribution untruncated;
+        seed None lets the coordinator pick one."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+        sampling = pb.SamplingParams(temperature=temperature, top_k=top_k)
+        if top_p is not None:
+            sampling.top_p = top_p
+        if seed is not None:
+            sampling.seed = seed
         req = pb.GenerateRequest(mode=MODES[mode], max_new_tokens=max_new_tokens, gamma=gamma,
                                  gamma_max=gamma_max, stop=stop or [], ignore_eos=ignore_eos,
-                                 chat=chat)
+                                 chat=chat, sampling=sampling)
         if isinstance(prompt, str):
             req.prompt = prompt
         else:

@@ -41,9 +41,9 @@ def accept_sampled(p: np.ndarray, draft: list[int], qs: list[WireDist], seed: in
     for i, x in enumerate(draft):
         ids, qp = qs[i].support()
         hit = np.flatnonzero(ids == x)
-        if len(hit) == 0:
+        qx = qp[hit[0]] if len(hit) else 0.0
+        if qx <= 0:  # the draft cannot have drawn it from this q
             raise ValueError(f"draft token {x} at position {position + i} is outside its q")
-        qx = qp[hit[0]]
         if uniform(seed, position + i, ACCEPT) * qx < p[i, x]:  # u < p(x) / q(x)
             continue
         residual = np.maximum(p[i] - qs[i].dense(vocab), 0.0)
