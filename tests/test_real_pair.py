@@ -2,16 +2,21 @@
 on loopback. Float32, where greedy equality with transformers is exact (DESIGN.md section 5)."""
 
 import gc
+import queue
 import json
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import psutil
 import pytest
+import grpc
 import torch
 
 from pearl.client import Client
+from protos.v1 import pearl_pb2 as pb
+from protos.v1 import pearl_pb2_grpc
 from pearl.demo import humaneval_prompt
 from pearl.procs import running
 from specdec.models import load_model
@@ -46,13 +51,14 @@ def services(references):
         svcs.start("target", ["--model", TARGET, *common], cpus="1")
         draft, target = svcs.wait("draft"), svcs.wait("target")
         svcs.start("coordinator", ["--draft", draft, "--target", target])
-        yield svcs.wait("coordinator", 120)
+        yield SimpleNamespace(coordinator=svcs.wait("coordinator", 120), draft=draft,
+                              target=target)
 
 
 @pytest.mark.parametrize("mode", ["ar", "sd", "pearl"])
 def test_real_pair_is_lossless(services, references, mode):
     prompts, refs = references
-    with Client(services) as c:
+    with Client(services.coordinator) as c:
         for prompt, ref in zip(prompts, refs):
             r = c.complete(prompt, mode=mode, max_new_tokens=N, gamma=3 if mode == "sd" else 0)
             assert r.token_ids == ref[: len(r.token_ids)], f"{mode} diverged from the target"
@@ -66,7 +72,8 @@ def test_real_pair_is_lossless(services, references, mode):
 def test_generate_cli_json(services, references):
     prompts, refs = references
     out = subprocess.run(
-        [sys.executable, "-m", "pearl.cli", "generate", prompts[0], "--coordinator", services,
+        [sys.executable, "-m", "pearl.cli", "generate", prompts[0],
+         "--coordinator", services.coordinator,
          "--mode", "pearl", "--max-new-tokens", "12", "--json"],
         capture_output=True, text=True, check=True, timeout=300)
     d = json.loads(out.stdout)
@@ -91,3 +98,50 @@ def test_demo_runs(services):
     left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
             if logs in " ".join(p.info["cmdline"] or [])]
     assert not left, f"demo left service processes behind: {left}"
+
+
+def test_real_pair_sampling(services, references):
+    """A sampled run completes, reports its acceptance, and repeats exactly with its seed."""
+    prompt = references[0][0]
+    acceptance = {}
+    with Client(services.coordinator) as c:
+        for t in (0.0, 0.7):
+            r = c.complete(prompt, mode="pearl", max_new_tokens=N, temperature=t, seed=7)
+            assert r.stats["new_tokens"] > 0 and r.stats["draft_tokens"] > 0
+            acceptance[t] = r.stats["acceptance_rate"]
+        again = c.complete(prompt, mode="pearl", max_new_tokens=N, temperature=0.7, seed=7)
+        assert again.token_ids == r.token_ids
+    print(f"\nreal pair acceptance, pearl: temperature 0: {acceptance[0.0]:.3f}, "
+          f"temperature 0.7: {acceptance[0.7]:.3f}")
+    assert 0 < acceptance[0.7] <= 1
+
+
+def proposal_bytes(address: str, prompt_ids: list[int], sampling: pb.SamplingParams,
+                   n: int = 16) -> float:
+    """Mean serialized size of a DraftResponse for one drafted token."""
+    q: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(address) as ch:
+        responses = pearl_pb2_grpc.DraftServiceStub(ch).Draft(iter(q.get, None), timeout=300)
+        q.put(pb.DraftRequest(start=pb.DraftStart(prompt_ids=prompt_ids, sampling=sampling,
+                                                  window_id=1,
+                                                  draft_until=len(prompt_ids) + n)))
+        sizes = [next(responses).ByteSize() for _ in range(n)]
+        q.put(None)
+    return sum(sizes) / n
+
+
+def test_bytes_per_drafted_token(services, references):
+    """What q costs on the wire for the default pair (reported in the README)."""
+    from transformers import AutoTokenizer
+
+    from specdec.model_store import resolve
+
+    ids = AutoTokenizer.from_pretrained(resolve(DRAFT))(references[0][0]).input_ids
+    greedy = proposal_bytes(services.draft, ids, pb.SamplingParams())
+    dense = proposal_bytes(services.draft, ids, pb.SamplingParams(temperature=0.7, seed=1))
+    trunc = proposal_bytes(services.draft, ids, pb.SamplingParams(temperature=0.7, top_k=50,
+                                                                  top_p=0.9, seed=1))
+    full = 2 * 151_936
+    print(f"\nbytes per drafted token: greedy {greedy:.0f}, T=0.7 {dense:.0f}, "
+          f"T=0.7 top-k 50 top-p 0.9 {trunc:.0f} (a full float16 vocabulary: {full})")
+    assert greedy < 64 and trunc < dense < full
