@@ -1,0 +1,258 @@
+"""The in-process side of `pearl bench`: transformers' own generation as contenders, timing of the
+models' forward passes for the analytical ceiling, and the tiny models and in-process services
+that `--tiny` uses.
+
+Contenders here run in the bench process itself with torch's intra-op threads and the CPU affinity
+of the calling thread set per run (one core for ``-1t``, all cores for ``-all``). The torch thread
+pool is created once with all cores allowed (``warm_pool``) before any pinning, so that the worker
+threads of the ``-all`` runs are not stuck on the core a ``-1t`` run pinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.models import LoadedModel, load_model, tiny_loaded
+
+ALL_CPUS = sorted(os.sched_getaffinity(0))
+
+
+def pin(cpus) -> None:
+    """Pin the calling thread (Linux: pid 0 is the calling thread) to ``cpus``."""
+    os.sched_setaffinity(0, set(cpus))
+
+
+def warm_pool(model) -> None:
+    """Run one forward with all cores and threads so torch's pool threads start unpinned."""
+    pin(ALL_CPUS)
+    torch.set_num_threads(len(ALL_CPUS))
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))
+
+
+# -- tiny models (for --tiny and the CI test) -----------------------------------------------------
+
+
+def noisy_copy(loaded: LoadedModel, seed: int, scale: float) -> LoadedModel:
+    """A draft that agrees with ``loaded`` often but not always: its weights plus noise."""
+    model = copy.deepcopy(loaded.model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
+    return LoadedModel(f"{loaded.name}-noisy{seed}", model, loaded.tokenizer, loaded.device,
+                       loaded.dtype)
+
+
+def load_pair(draft: str, target: str, dtype: str, tiny: bool) -> tuple[LoadedModel, LoadedModel]:
+    if tiny:
+        t = tiny_loaded(2)
+        return noisy_copy(t, 7, 0.08), t
+    return load_model(draft, "cpu", dtype), load_model(target, "cpu", dtype)
+
+
+class InProcessCluster:
+    """Draft, target and coordinator servers on a background event loop (for ``--tiny``)."""
+
+    def __init__(self, draft: LoadedModel, target: LoadedModel, gamma: int = 4, gamma_max: int = 8):
+        from coordinator.server import serve as serve_coordinator
+        from draft_service.server import serve as serve_draft
+        from target_service.server import serve as serve_target
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.draft_server, self.draft = self.call(serve_draft(draft, 0, "127.0.0.1"))
+        self.target_server, self.target = self.call(serve_target(target, 0, "127.0.0.1"))
+        self.coord_server, self.coordinator = self.call(serve_coordinator(
+            f"127.0.0.1:{self.target_server.port}", f"127.0.0.1:{self.draft_server.port}",
+            0, "127.0.0.1", gamma, gamma_max))
+        self.address = f"127.0.0.1:{self.coord_server.port}"
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=600)
+
+    def close(self) -> None:
+        self.call(self.coord_server.stop(1))
+        self.call(self.coordinator.close())
+        for s in (self.draft_server, self.target_server):
+            self.call(s.stop(1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+# -- transformers contenders ----------------------------------------------------------------------
+
+
+class Counter:
+    """Counts forward calls of a module with a forward hook."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.n = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+
+@dataclass
+class LocalRun:
+    token_ids: list[int]
+    wall_s: float
+    target_forwards: int
+    draft_forwards: int
+    extra: dict = field(default_factory=dict)
+
+
+class Local:
+    """The target (and draft) loaded in this process; runs `generate` as a contender."""
+
+    def __init__(self, draft: LoadedModel, target: LoadedModel, window: int):
+        self.draft, self.target, self.window = draft, target, window
+        self.tcount = Counter(target.model)
+        self.dcount = Counter(draft.model)
+        eos = target.model.generation_config.eos_token_id
+        self.pad = target.model.generation_config.pad_token_id
+        if self.pad is None:
+            self.pad = (eos[0] if isinstance(eos, list) else eos) or 0
+        warm_pool(target.model)
+
+    def configure_assistant(self, setting: str) -> dict:
+        """transformers reads the assisted-generation settings only from the assistant's
+        ``generation_config`` (passed to ``generate()`` they are silently ignored)."""
+        gc = self.draft.model.generation_config
+        if setting == "default":  # unset: transformers' own defaults apply (20, constant, 0.4)
+            gc.num_assistant_tokens = None
+            gc.num_assistant_tokens_schedule = None
+            gc.assistant_confidence_threshold = None
+        else:
+            gc.num_assistant_tokens = self.window
+            gc.num_assistant_tokens_schedule = "constant"
+            gc.assistant_confidence_threshold = 0.0
+        return {"num_assistant_tokens": gc.num_assistant_tokens,
+                "num_assistant_tokens_schedule": gc.num_assistant_tokens_schedule,
+                "assistant_confidence_threshold": gc.assistant_confidence_threshold}
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, threads: str,
+            assisted: str | None = None) -> LocalRun:
+        """``threads``: '1t' (one thread on one core) or 'all'; ``assisted``: None (plain greedy
+        generation of the target), 'default' or 'fixed'."""
+        cpus = ALL_CPUS[-1:] if threads == "1t" else ALL_CPUS
+        pin(cpus)
+        torch.set_num_threads(len(cpus))
+        kw = {}
+        extra = {"cpus": cpus, "torch_threads": len(cpus)}
+        if assisted:
+            extra["assistant_config"] = self.configure_assistant(assisted)
+            kw["assistant_model"] = self.draft.model
+        ids = torch.tensor([prompt_ids])
+        t0, d0 = self.tcount.n, self.dcount.n
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.target.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=self.pad, **kw)
+        wall = time.perf_counter() - start
+        pin(ALL_CPUS)
+        new = out[0, len(prompt_ids):].tolist()
+        return LocalRun(new, wall, self.tcount.n - t0, self.dcount.n - d0, extra)
+
+    def agreement(self, prompt_ids: list[int], target_ids: list[int]) -> tuple[int, int]:
+        """Teacher-forced per-token agreement: at how many of the target's greedy positions the
+        draft's argmax is the target's token (one draft forward over prompt + target tokens)."""
+        if not target_ids:
+            return 0, 0
+        seq = torch.tensor([prompt_ids + target_ids])
+        with torch.inference_mode():
+            logits = self.draft.model(seq).logits[0]
+        n = len(prompt_ids)
+        guess = logits[n - 1: n - 1 + len(target_ids)].argmax(-1).tolist()
+        return sum(g == t for g, t in zip(guess, target_ids)), len(target_ids)
+
+
+# -- forward timing for the ceiling ---------------------------------------------------------------
+
+
+def _fresh_cache(model, prompt: torch.Tensor):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(prompt, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _time_forward(model, cache, n_prompt: int, m: int, reps: int) -> float:
+    """Median seconds of a forward of ``m`` new tokens on top of the cached prompt."""
+    x = torch.randint(10, min(1000, model.config.vocab_size), (1, m))
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(x, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t)
+            cache.crop(-m)
+    return statistics.median(times)
+
+
+class Background:
+    """Keeps a model busy on its own core in a thread (the other model of a pearl run)."""
+
+    def __init__(self, model, prompt: torch.Tensor, cpu: int):
+        self.model, self.prompt, self.cpu = model, prompt, cpu
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        pin([self.cpu])
+        torch.set_num_threads(1)
+        cache = _fresh_cache(self.model, self.prompt)
+        n = self.prompt.shape[1]
+        while not self.stop.is_set():
+            _time_forward(self.model, cache, n, 1, 1)
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def measure_times(draft, target, prompt_ids: list[int], max_m: int = 9, reps: int = 3,
+                  contended: bool = True) -> dict:
+    """t_draft (one draft decode step) and t_forward[m] (a target forward of m new tokens on top
+    of the prompt's KV cache, m = 1..max_m), each model with one thread on its own core: draft on
+    the first CPU, target on the last (the split the services use). With ``contended`` the other
+    model runs decode steps on its own core meanwhile in a background thread, as in a pearl run
+    (memory bandwidth is shared); otherwise the other core is idle."""
+    prompt = torch.tensor([prompt_ids])
+    dcpu, tcpu = ALL_CPUS[0], ALL_CPUS[-1]
+    torch.set_num_threads(1)
+    out = {}
+    for who, model, cpu, other, ocpu in (("target", target, tcpu, draft, dcpu),
+                                         ("draft", draft, dcpu, target, tcpu)):
+        pin([cpu])
+        cache = _fresh_cache(model, prompt)
+        _time_forward(model, cache, len(prompt_ids), 1, 1)  # warm-up
+        ms = range(1, max_m + 1) if who == "target" else (1,)
+        if contended and len(ALL_CPUS) > 1:
+            with Background(other, prompt, ocpu):
+                out[who] = {m: _time_forward(model, cache, len(prompt_ids), m, reps) for m in ms}
+        else:
+            out[who] = {m: _time_forward(model, cache, len(prompt_ids), m, reps) for m in ms}
+    pin(ALL_CPUS)
+    torch.set_num_threads(len(ALL_CPUS))
+    return {"t_draft": out["draft"][1], "t_forward": out["target"],
+            "contended": bool(contended and len(ALL_CPUS) > 1),
+            "draft_cpu": dcpu, "target_cpu": tcpu, "reps": reps}

@@ -1,0 +1,92 @@
+"""`pearl bench`: the harness on tiny models (not a speed test), and the analytical ceiling."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pearl.bench import CONTENDERS, SERVICE
+from pearl.ceiling import ceiling, expected_committed, sd_rate
+
+FLAT = {m: 0.2 for m in range(1, 10)}
+
+
+def test_expected_committed():
+    assert expected_committed(0.0, 3) == 1.0
+    assert expected_committed(1.0, 3) == 3.0
+    assert expected_committed(0.5, 3) == pytest.approx(1.75)  # 1 + 1/2 + 1/4
+
+
+def test_ceiling_alpha_one_stays_in_post_verify():
+    # every window accepted: gamma tokens per round of max(t_forward[gamma], gamma * t_draft)
+    assert ceiling(0.1, {m: 0.3 for m in range(1, 10)}, 1.0, 3) == pytest.approx(10.0)
+    assert ceiling(0.1, {m: 0.3 for m in range(1, 10)}, 1.0, 5) == pytest.approx(5 / 0.5)
+    assert ceiling(0.1, {m: 0.3 for m in range(1, 10)}, 1.0, 1) == pytest.approx(2 / 0.4)
+
+
+def test_ceiling_alpha_zero_is_one_token_per_pre_round():
+    for g in (1, 2, 4, 8):
+        assert ceiling(0.1, FLAT, 0.0, g) == pytest.approx(1 / 0.3)
+
+
+def test_ceiling_balanced_case_by_hand():
+    # alpha 1/2, gamma 2, t_draft 0.1, every forward 0.2:
+    # PRE: 1.5 tokens, 0.3 s, success 1/4; POST1: 1 token, 0.2 s, success 1/2;
+    # POST: 1.5 tokens, 0.2 s, success 1/4 (mean 4/3 rounds):
+    # tokens = 1.5 + 1/4 (1 + 1/2 * 1.5 * 4/3) = 2.0; time = 0.3 + 1/4 (0.2 + 1/2 * 0.2 * 4/3)
+    assert ceiling(0.1, FLAT, 0.5, 2) == pytest.approx(2.0 / (0.3 + 0.25 * (0.2 + 0.2 / 1.5)))
+    assert ceiling(0.1, FLAT, 0.5, 2) == pytest.approx(120 / 23)
+
+
+def test_ceiling_bounds_and_best_window():
+    tf = {m: 0.25 for m in range(1, 10)}
+    best = ceiling(0.08, tf, 0.9)
+    assert best == max(ceiling(0.08, tf, 0.9, g) for g in range(1, 10))
+    assert best > max(sd_rate(0.08, tf, 0.9, g) for g in range(1, 9))  # the overlap pays
+    assert best < 1 / 0.08  # never faster than the draft alone
+    assert sd_rate(0.1, FLAT, 0.0, 3) == pytest.approx(1 / 0.5)
+    with pytest.raises(ValueError):
+        ceiling(0.1, FLAT, 1.5, 2)
+
+
+def test_bench_tiny_run(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pearl.cli", "bench", "--tiny", "--prompts", "2",
+         "--max-new-tokens", "8", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hardware split" in proc.stdout and "| contender" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "chart.png").stat().st_size > 1000
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(res["config"]["contenders"]) == set(CONTENDERS)
+    runs = set(res["aggregates"])
+    assert runs >= {"ar", "sd", "pearl", "ar-local-1t", "ar-local-all"}
+    assert runs >= {f"hf-assisted-{t}:{s}" for t in ("1t", "all") for s in ("default", "fixed")}
+    assert {r["contender"].split(" ")[0] for r in res["table"]} == set(CONTENDERS)
+    for row in res["table"]:
+        for key in ("tokens_per_s", "speedup", "tokens_per_target_forward", "peak_rss",
+                    "identical"):
+            assert row.get(key) is not None, (row["contender"], key)
+        assert row["identical"] is True, row["contender"]  # greedy: token-identical
+    for mode in SERVICE:
+        agg = res["aggregates"][mode]
+        for key in ("overlap_ratio", "target_idle_frac", "draft_idle_frac", "overhead_share",
+                    "overhead_per_round_ms_p50", "overhead_per_round_ms_p99"):
+            assert agg[key] is not None and agg[key] >= 0, (mode, key)
+    for mode in ("sd", "pearl"):
+        assert 0 < res["aggregates"][mode]["acceptance_rate"] <= 1
+        assert res["aggregates"][mode]["mean_accepted_tokens"] > 0
+    # 4 prompts (2 per set) x every run, each with tokens and timings
+    assert len(res["records"]) == 4 * len(runs)
+    assert all(r["new_tokens"] == 8 and r["wall_s"] > 0 for r in res["records"])
+    # the fixed hf-assisted window took effect: ~gamma draft forwards per target forward
+    fixed = res["aggregates"]["hf-assisted-1t:fixed"]["drafted_per_target_forward"]
+    assert 2 <= fixed <= 3
+    t = res["timing"]
+    assert t["t_draft"] > 0 and sorted(int(m) for m in t["t_forward"]) == list(range(1, 10))
+    assert 0 <= t["alpha_teacher_forced"] <= 1
+    assert res["ceiling"]["ceiling_tokens_per_s"] > 0
+    assert res["ceiling"]["pearl_fraction_of_ceiling"] > 0
