@@ -1,0 +1,114 @@
+"""Bounds on what one service holds: concurrent sessions, idle sessions, and the drain on shutdown.
+
+- ``CallGuard`` is a server interceptor on the streaming RPCs of a service's own methods (Draft,
+  Verify, Generate): it counts the calls in flight, answers RESOURCE_EXHAUSTED past ``limit``
+  (``--max-sessions``; 0 = no limit) and UNAVAILABLE once the server drains. Health, reflection
+  and unary calls (GetModelInfo) are never refused, so probes keep working while draining.
+- ``idle_get`` and ``idle_limited`` close a session that receives no control message for
+  ``idle_s`` seconds (``--session-idle-s``; 0 = never) with DEADLINE_EXCEEDED, which frees its KV
+  cache even when a coordinator vanished without closing its stream.
+"""
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+DEFAULT_MAX_SESSIONS = 64
+DEFAULT_IDLE_S = 300.0
+
+
+def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
+    """A handler of the same shape as ``handler`` that fails every call with ``code``."""
+
+    async def refuse(request_or_iterator, context):
+        await context.abort(code, message)
+
+    kw = dict(request_deserializer=handler.request_deserializer,
+              response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse, **kw)
+    return grpc.unary_unary_rpc_method_handler(refuse, **kw)
+
+
+def _with_behavior(handler: grpc.RpcMethodHandler, behavior: Callable):
+    kw = dict(request_deserializer=handler.request_deserializer,
+              response_serializer=handler.response_serializer)
+    if handler.request_streaming:
+        return grpc.stream_stream_rpc_method_handler(behavior, **kw)
+    return grpc.unary_stream_rpc_method_handler(behavior, **kw)
+
+
+class CallGuard(grpc.aio.ServerInterceptor):
+    """Counts and bounds the streaming calls of ``service_names``; refuses new ones when draining."""
+
+    def __init__(self, service_names: list[str], label: str = "service", limit: int = 0):
+        self.prefixes = tuple(f"/{name}/" for name in service_names)
+        self.label = label
+        self.limit = limit
+        self.active = 0
+        self.draining = False
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if (handler is None or not details.method.startswith(self.prefixes)
+                or not handler.response_streaming):
+            return handler
+        if self.draining:
+            return refusing_handler(handler, grpc.StatusCode.UNAVAILABLE,
+                                    f"{self.label} is shutting down")
+        inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        if not inspect.isasyncgenfunction(inner):  # only our async-generator servicers are counted
+            return handler
+
+        async def counted(request_or_iterator, context):
+            if self.limit and self.active >= self.limit:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{self.label} is at its limit of {self.limit} concurrent "
+                                    "sessions (--max-sessions); retry later")
+            self.active += 1
+            try:
+                async for resp in inner(request_or_iterator, context):
+                    yield resp
+            finally:
+                self.active -= 1
+
+        return _with_behavior(handler, counted)
+
+
+def _idle_abort_message(label: str, idle_s: float) -> str:
+    return (f"{label} session received nothing for {idle_s:g} s (--session-idle-s) and was "
+            "closed")
+
+
+async def idle_get(queue: asyncio.Queue, idle_s: float, context, label: str):
+    """``queue.get()``, aborting the call with DEADLINE_EXCEEDED after ``idle_s`` (0: wait)."""
+    if not idle_s:
+        return await queue.get()
+    try:
+        return await asyncio.wait_for(queue.get(), idle_s)
+    except asyncio.TimeoutError:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _idle_abort_message(label, idle_s))
+
+
+async def idle_limited(requests: AsyncIterator, idle_s: float, context, label: str
+                       ) -> AsyncIterator:
+    """The request stream, aborted with DEADLINE_EXCEEDED when a gap exceeds ``idle_s``."""
+    it = requests.__aiter__()
+    while True:
+        try:
+            if idle_s:
+                req = await asyncio.wait_for(it.__anext__(), idle_s)
+            else:
+                req = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                _idle_abort_message(label, idle_s))
+        yield req

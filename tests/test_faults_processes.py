@@ -1,0 +1,137 @@
+"""Faults with real service processes (`pearl serve`, the small real model smollm2-135m-instruct
+as draft and target, float32, one thread each): the draft or the target killed with SIGKILL in
+the middle of a request and restarted on its port; SIGTERM on the coordinator drains in-flight
+requests and exits. In-process versions of the same behaviours: tests/test_reliability.py."""
+
+import signal
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pearl.client import Client, Delta, Result
+from pearl.procs import running
+from specdec import model_store
+
+MODEL = "smollm2-135m-instruct"
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+N = 48
+COMMON = ["--model", MODEL, "--dtype", "float32", "--threads", "1"]
+
+pytestmark = [pytest.mark.slow,  # three processes start and restart: ~50 s on two cores
+              pytest.mark.skipif(not model_store.is_cached(MODEL),
+                                 reason=f"{MODEL} is not in the model cache (pearl models fetch)")]
+
+
+def health(address: str) -> int | None:
+    try:
+        with grpc.insecure_channel(address) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=2).status
+    except grpc.RpcError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def svcs(tmp_path_factory):
+    with running(tmp_path_factory.mktemp("faults")) as s:
+        s.start("draft", COMMON)
+        s.start("target", COMMON)
+        draft, target = s.wait("draft", 300), s.wait("target", 300)
+        s.start("coordinator", ["--draft", draft, "--target", target, "--draft-timeout", "5",
+                                "--grace", "30"])
+        s.wait("coordinator", 300)
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(svcs):
+    """The undisturbed greedy output: the target alone (ar) and pearl agree on it."""
+    with Client(svcs.all["coordinator"].address, timeout_s=120) as c:
+        ar = c.complete(PROMPT, mode="ar", max_new_tokens=N, ignore_eos=True)
+        pearl = c.complete(PROMPT, mode="pearl", max_new_tokens=N, ignore_eos=True)
+    assert ar.token_ids == pearl.token_ids and not pearl.stats["fell_back"]
+    return ar.token_ids
+
+
+def restart(svcs, role: str) -> None:
+    old = svcs.all[role]
+    port = old.port
+    svcs.start(role, [*COMMON, "--port", str(port)])  # the last --port wins
+    svcs.wait(role, 300)
+
+
+def test_draft_killed_mid_request_then_restarted(svcs, reference):
+    coord = svcs.all["coordinator"].address
+    with Client(coord, timeout_s=120) as c:
+        parts = c.generate(PROMPT, mode="pearl", max_new_tokens=N, ignore_eos=True)
+        first = next(parts)
+        assert isinstance(first, Delta)
+        svcs.all["draft"].proc.send_signal(signal.SIGKILL)
+        rest = list(parts)
+        svcs.all["draft"].proc.wait()
+        result = rest[-1]
+        assert isinstance(result, Result)
+        assert result.token_ids == reference
+        assert result.stats["fell_back"] and result.stats["fallback_reason"]
+
+        for mode in ("sd", "pearl"):  # the draft is down: the target alone, without waiting
+            t0 = time.monotonic()
+            r = c.complete(PROMPT, mode=mode, max_new_tokens=N, ignore_eos=True)
+            assert r.token_ids == reference and r.stats["fell_back"]
+            assert time.monotonic() - t0 < 20
+
+        restart(svcs, "draft")
+        deadline = time.monotonic() + 30
+        while True:
+            r = c.complete(PROMPT, mode="pearl", max_new_tokens=N, ignore_eos=True)
+            assert r.token_ids == reference
+            if not r.stats["fell_back"]:
+                break
+            assert time.monotonic() < deadline, "the coordinator did not use the draft again"
+            time.sleep(0.5)
+        assert r.stats["accepted_tokens"] > 0
+
+
+def test_target_killed_mid_request_then_restarted(svcs, reference):
+    coord = svcs.all["coordinator"].address
+    got = []
+    with Client(coord, timeout_s=120) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            for part in c.generate(PROMPT, mode="pearl", max_new_tokens=N, ignore_eos=True):
+                got.append(part)
+                if len(got) == 1:
+                    svcs.all["target"].proc.send_signal(signal.SIGKILL)
+        svcs.all["target"].proc.wait()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "target service" in e.value.details()
+        assert not any(isinstance(p, Result) for p in got)
+
+        restart(svcs, "target")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = c.complete(PROMPT, mode="pearl", max_new_tokens=N, ignore_eos=True)
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() < deadline, "no recovery after the target came back"
+                time.sleep(0.5)
+        assert r.token_ids == reference
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(svcs, reference):
+    """Runs last in this module: it ends the coordinator."""
+    coord = svcs.all["coordinator"]
+    with Client(coord.address, timeout_s=120) as c:
+        parts = c.generate(PROMPT, mode="ar", max_new_tokens=N, ignore_eos=True)
+        got = [next(parts)]
+        coord.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while health(coord.address) != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "health never said NOT_SERVING"
+            time.sleep(0.02)
+        got += list(parts)
+    assert isinstance(got[-1], Result) and got[-1].token_ids == reference
+    assert coord.proc.wait(timeout=30) == 0
