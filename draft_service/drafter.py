@@ -37,6 +37,9 @@ class DraftSession:
                  max_positions: int, sampling: Sampling = Sampling(), q_tail: float = 1e-4):
         if not prompt_ids:
             raise ProtocolError("start.prompt_ids is empty")
+        if len(prompt_ids) >= max_positions:
+            raise ProtocolError(
+                f"start.prompt_ids has {len(prompt_ids)} tokens; the model takes {max_positions}")
         vocab = model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ProtocolError(f"start.prompt_ids holds ids outside the vocabulary of {vocab}")
@@ -73,6 +76,12 @@ class DraftSession:
             raise ProtocolError(f"rollback.keep={keep} is past the sequence end {len(self.seq)}")
         if keep + len(append_ids) == 0:
             raise ProtocolError("rollback leaves an empty sequence")
+        if keep + len(append_ids) >= self.max_positions:
+            raise ProtocolError(f"rollback.append_ids reach position {keep + len(append_ids)}; "
+                                f"the model takes {self.max_positions}")
+        vocab = self.seq.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in append_ids):
+            raise ProtocolError(f"rollback.append_ids holds ids outside the vocabulary of {vocab}")
         self.seq.truncate(keep)
         self.seq.extend(append_ids)
         self.windows = [(len(self.seq), window_id)]

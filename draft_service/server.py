@@ -7,7 +7,10 @@ import grpc
 
 from draft_service.drafter import DraftSession, Proposal, ProtocolError
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
+from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, idle_get
+from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
+from specdec.telemetry import Telemetry
 from specdec.wire import dist_to_pb, sampling_from_pb
 
 log = logging.getLogger("pearl.draft")
@@ -21,6 +24,9 @@ def to_pb(p: Proposal) -> pearl_pb2.DraftResponse:
 
 
 class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
+    telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
+    idle_s = DEFAULT_IDLE_S  # a session that hears nothing this long is closed (0: never)
+
     def __init__(self, loaded, q_tail: float = 1e-4):
         self.loaded = loaded
         self.q_tail = q_tail
@@ -42,6 +48,7 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
 
         pump_task = asyncio.create_task(pump())
         session: DraftSession | None = None
+        dtrace = None  # this stream's draft.window spans and metrics (None when telemetry is off)
         self.live += 1
         try:
             while True:
@@ -51,22 +58,32 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
                         if inbox.empty():
                             break
                         req = inbox.get_nowait()
-                    else:
-                        req = await inbox.get()
+                    else:  # nothing to draft: wait, but not forever
+                        req = await idle_get(inbox, self.idle_s, context, "draft")
                     if req is None or req.WhichOneof("kind") == "stop":
                         return
                     try:
                         session = self.apply(session, req)
                     except ProtocolError as e:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    if req.WhichOneof("kind") == "start":
+                        dtrace = self.telemetry.draft_session(req.start)
+                    elif dtrace is not None:
+                        dtrace.request(req)
                 proposal = await self.runner.run(session.step)
+                if dtrace is not None:
+                    dtrace.proposal(proposal)
                 yield to_pb(proposal)
         finally:
+            if dtrace is not None:
+                dtrace.close()
             self.live -= 1
             pump_task.cancel()
 
     def apply(self, session: DraftSession | None, req) -> DraftSession:
         kind = req.WhichOneof("kind")
+        if kind is None:
+            raise ProtocolError("empty DraftRequest (none of start, extend, rollback, stop)")
         if kind == "start":
             if session is not None:
                 raise ProtocolError("start sent twice on one stream")
@@ -90,11 +107,14 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
         return session
 
 
-async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4
-                ) -> tuple[Server, DraftServicer]:
+async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4,
+                tls: ServerTLS | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                idle_s: float = DEFAULT_IDLE_S) -> tuple[Server, DraftServicer]:
     servicer = DraftServicer(loaded, q_tail)
-    server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name])
+    servicer.idle_s = idle_s
+    server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
+                    label="draft service", max_sessions=max_sessions)
     pearl_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.grpc)
-    await server.start(port, host)
+    await server.start(port, host, tls.credentials() if tls else None)
     log.info("draft service on port %d (%s)", server.port, loaded.name)
     return server, servicer

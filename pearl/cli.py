@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from pearl.guard_flags import add_client_flags, add_serve_flags, client_kwargs, serve_kwargs
+
 DEFAULT_PORTS = {"draft": 50051, "target": 50052, "coordinator": 50050}
 DEFAULT_MODELS = {"draft": "qwen2.5-coder-0.5b-instruct", "target": "qwen2.5-coder-1.5b-instruct"}
 
@@ -53,6 +55,12 @@ def add_serve(sub) -> None:
                    help="largest adaptive window (coordinator)")
     p.add_argument("--grace", type=float, default=float(env("GRACE_S", 10)),
                    help="seconds to drain in-flight calls on SIGTERM")
+    p.add_argument("--trace-file", default=env("TRACE_FILE"),
+                   help="append spans here as JSON lines (for `pearl trace`); OTLP export is on "
+                        "when OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/tracing.md)")
+    p.add_argument("--metrics-port", type=int, default=env("METRICS_PORT"),
+                   help="serve Prometheus metrics on this port (/metrics)")
+    add_serve_flags(p)  # TLS, auth token, session and request bounds (pearl/guard_flags.py)
     p.set_defaults(fn=cmd_serve)
 
 
@@ -69,17 +77,22 @@ def cmd_serve(a) -> None:
 
         loaded = load_model(a.model or DEFAULT_MODELS[a.role], a.device, a.dtype,
                             int(a.threads) if a.threads else None)
+    from specdec.telemetry import Telemetry
+
+    tel = Telemetry.for_service(a.role, a.trace_file, a.metrics_port, a.host)
 
     async def main() -> None:
         if a.role == "draft":
             from draft_service.server import serve
-            server, servicer = await serve(loaded, port, a.host)
+            server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a))
         elif a.role == "target":
             from target_service.server import serve
-            server, servicer = await serve(loaded, port, a.host)
+            server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a))
         else:
             from coordinator.server import serve
-            server, servicer = await serve(a.target, a.draft, port, a.host, a.gamma, a.gamma_max)
+            server, servicer = await serve(a.target, a.draft, port, a.host, a.gamma, a.gamma_max,
+                                           **serve_kwargs(a))
+        servicer.telemetry = tel
         if a.port_file:
             tmp = Path(a.port_file + ".tmp")
             tmp.write_text(str(server.port))
@@ -91,6 +104,7 @@ def cmd_serve(a) -> None:
             await servicer.close()
 
     asyncio.run(main())
+    tel.shutdown()  # flush the last spans
 
 
 def add_generate(sub) -> None:
@@ -109,6 +123,7 @@ def add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, help="in (0, 1]; unset = no top-p")
     p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    add_client_flags(p)  # --tls-ca, --tls-cert, --tls-key, --auth-token
     p.set_defaults(fn=cmd_generate)
 
 
@@ -119,7 +134,7 @@ def cmd_generate(a) -> None:
     from pearl.report import print_stats
 
     try:
-        with Client(a.coordinator) as c:
+        with Client(a.coordinator, **client_kwargs(a)) as c:
             for part in c.generate(a.prompt, mode=a.mode, max_new_tokens=a.max_new_tokens,
                                    gamma=a.gamma, gamma_max=a.gamma_max, stop=a.stop,
                                    ignore_eos=a.ignore_eos, chat=a.chat,
@@ -166,6 +181,8 @@ def add_demo(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--gamma", type=int, default=3, help="window for sd")
     p.add_argument("--prompt", help="a prompt (default: a HumanEval problem)")
+    p.add_argument("--trace-file", help="the three services append their spans here as JSON "
+                                        "lines (then: pearl trace FILE)")
     p.set_defaults(fn=cmd_demo)
 
 
@@ -179,8 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pearl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(required=True)
     from pearl.bench import add_bench
+    from pearl.trace import add_trace
 
-    for add in (add_serve, add_generate, add_models, add_demo, add_bench):
+    for add in (add_serve, add_generate, add_models, add_demo, add_bench, add_trace):
         add(sub)
     a = parser.parse_args(argv)
     a.fn(a)

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from opentelemetry import propagate
 
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
+from specdec.security import ClientTLS, bearer_metadata, sync_channel
 from specdec.serving import CHANNEL_OPTIONS
 
 MODES = {"ar": pb.MODE_AR, "sd": pb.MODE_SD, "pearl": pb.MODE_PEARL}
@@ -50,10 +52,17 @@ def stats_from_pb(s: pb.GenerateStats) -> dict:
 
 
 class Client:
-    def __init__(self, address: str, timeout_s: float | None = None):
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def __init__(self, address: str, timeout_s: float | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 token: str | None = None):
+        """``tls_ca``: PEM file of the CA that signed the coordinator's certificate (TLS);
+        ``tls_cert``/``tls_key``: this client's certificate when the coordinator asks for one
+        (mutual TLS); ``token``: bearer token when the coordinator requires one."""
+        tls = ClientTLS.from_flags(tls_ca, tls_cert, tls_key)
+        self.channel = sync_channel(address, CHANNEL_OPTIONS, tls)
         self.stub = pearl_pb2_grpc.CoordinatorStub(self.channel)
         self.timeout_s = timeout_s
+        self.auth = bearer_metadata(token)
 
     def __enter__(self) -> "Client":
         return self
@@ -88,7 +97,10 @@ class Client:
         else:
             req.prompt_ids.extend(prompt)
         text, ids = [], []
-        for resp in self.stub.Generate(req, timeout=self.timeout_s, wait_for_ready=True):
+        md: dict[str, str] = {}
+        propagate.inject(md)  # a traced caller's span becomes the parent of pearl.generate
+        for resp in self.stub.Generate(req, timeout=self.timeout_s, wait_for_ready=True,
+                                       metadata=tuple(md.items()) + self.auth):
             if resp.HasField("stats"):
                 yield Result("".join(text), ids, mode, stats_from_pb(resp.stats))
                 return

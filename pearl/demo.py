@@ -38,6 +38,8 @@ def demo(a) -> int:
     prompt = a.prompt or humaneval_prompt(0)
     draft_cpu, target_cpu = cpu_split()
     common = ["--device", a.device, "--dtype", a.dtype, "--threads", "1"]
+    tf = ["--trace-file", os.path.abspath(a.trace_file)] if getattr(a, "trace_file", None) else []
+    common += tf
     print(f"pearl demo: draft {a.draft_model} (cpu {draft_cpu}), target {a.target_model} "
           f"(cpu {target_cpu}), {a.dtype}, one thread each")
     with running() as svcs:
@@ -45,7 +47,7 @@ def demo(a) -> int:
         svcs.start("draft", ["--model", a.draft_model, *common], cpus=draft_cpu)
         svcs.start("target", ["--model", a.target_model, *common], cpus=target_cpu)
         draft, target = svcs.wait("draft"), svcs.wait("target")
-        svcs.start("coordinator", ["--draft", draft, "--target", target])
+        svcs.start("coordinator", ["--draft", draft, "--target", target, *tf])
         coord = svcs.wait("coordinator", 120)
         print(f"services up in {time.monotonic() - t0:.0f} s (logs in {svcs.dir})\n")
         print(prompt, end="")

@@ -35,6 +35,8 @@ def print_stats(stats: dict) -> None:
     if stats.get("per_position_acceptance"):
         pos = " ".join(fmt(p, "{:.2f}") for p in stats["per_position_acceptance"])
         print(f"{'per_position_acceptance':28s} {pos}")
+    if stats.get("fell_back"):
+        print(f"{'fell_back':28s} target alone: {stats.get('fallback_reason', '')}")
 
 
 TABLE = [

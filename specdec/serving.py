@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from specdec.limits import CallGuard
 
 T = TypeVar("T")
 
@@ -38,9 +39,13 @@ class ModelRunner:
 class Server:
     """An aio gRPC server with the standard health service and server reflection."""
 
-    def __init__(self, service_names: list[str]):
-        self.grpc = grpc.aio.server(options=CHANNEL_OPTIONS)
-        self.health = HealthServicer()
+    def __init__(self, service_names: list[str], interceptors: list | tuple = (),
+                 label: str = "service", max_sessions: int = 0):
+        # Counts and bounds the sessions (streaming calls) and refuses new ones while draining.
+        self.guard = CallGuard(service_names, label, max_sessions)
+        self.grpc = grpc.aio.server(options=CHANNEL_OPTIONS,
+                                    interceptors=[*interceptors, self.guard])
+        self.health = health.aio.HealthServicer()
         self.service_names = service_names
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -48,8 +53,12 @@ class Server:
              reflection.SERVICE_NAME], self.grpc)
         self.port = 0
 
-    async def start(self, port: int, host: str = "[::]") -> int:
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+    async def start(self, port: int, host: str = "[::]",
+                    credentials: grpc.ServerCredentials | None = None) -> int:
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        else:  # TLS, or mutual TLS when the credentials require client certificates
+            self.port = self.grpc.add_secure_port(f"{host}:{port}", credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         await self.grpc.start()
@@ -63,9 +72,17 @@ class Server:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Health NOT_SERVING first, then drain in-flight calls for up to ``grace_s``."""
+        """Health NOT_SERVING first, then drain in-flight calls for up to ``grace_s``.
+
+        While draining, health answers NOT_SERVING and new sessions are refused (UNAVAILABLE);
+        the sessions in flight run on until they end or the grace period is over."""
         await self.set_serving(False)
-        await self.grpc.stop(grace_s)
+        self.guard.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.guard.active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.grpc.stop(max(0.0, deadline - loop.time()))
 
     async def serve_until_signal(self, grace_s: float = 5.0) -> None:
         """Block until SIGINT/SIGTERM, then stop gracefully."""

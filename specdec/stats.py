@@ -59,6 +59,7 @@ class Recorder:
         self.by_offset: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # offset -> [acc, n]
         self.used_per_window: Counter[int] = Counter()
         self.gammas: list[int] = []
+        self.fallback_reason = ""  # set when the target finished without the draft
 
     @staticmethod
     def now() -> int:
@@ -126,4 +127,6 @@ class Recorder:
             "stale_proposals": self.stale,
             "time_to_first_token_s": ((self.first_token_ns or end) - self.t0) / 1e9,
             "finish_reason": reason,
+            "fell_back": bool(self.fallback_reason),
+            "fallback_reason": self.fallback_reason,
         }

@@ -5,7 +5,10 @@ import logging
 import grpc
 
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
+from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, idle_limited
+from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
+from specdec.telemetry import Telemetry
 from specdec.wire import dist_from_pb, sampling_from_pb
 from target_service.verifier import ProtocolError, TargetSession, Verdict
 
@@ -21,6 +24,9 @@ def to_pb(v: Verdict, window_id: int, phase: str) -> pearl_pb2.VerifyResponse:
 
 
 class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
+    telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
+    idle_s = DEFAULT_IDLE_S  # a session that hears nothing this long is closed (0: never)
+
     def __init__(self, loaded):
         self.loaded = loaded
         self.runner = ModelRunner("target")
@@ -40,16 +46,20 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
 
     async def Verify(self, request_iterator, context):
         session: TargetSession | None = None
+        ttrace = None  # this stream's target.verify spans and metrics (None when telemetry is off)
         self.live += 1
         try:
-            async for req in request_iterator:
+            async for req in idle_limited(request_iterator, self.idle_s, context, "target"):
                 kind = req.WhichOneof("kind")
                 try:
                     if kind == "start":
                         if session is not None:
                             raise ProtocolError("start sent twice on one stream")
                         session = self.open(req.start)
+                        ttrace = self.telemetry.target_session(req.start)
                         verdict = await self.runner.run(session.start, req.start.first_token)
+                        if ttrace is not None:
+                            ttrace.verdict(verdict, 0, "start")
                         yield to_pb(verdict, 0, "start")
                     elif kind == "window":
                         if session is None:
@@ -62,6 +72,8 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                             raise ProtocolError(f"window.q: {e}") from None
                         verdict = await self.runner.run(session.verify, w.position,
                                                         list(w.draft_ids), qs, w.bonus, w.held)
+                        if ttrace is not None:
+                            ttrace.verdict(verdict, w.window_id, w.phase)
                         yield to_pb(verdict, w.window_id, w.phase)
                     elif kind == "stop":
                         return
@@ -72,13 +84,19 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                 except ValueError as e:  # e.g. a draft token outside its q
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window: {e}")
         finally:
+            if ttrace is not None:
+                ttrace.close()
             self.live -= 1
 
 
-async def serve(loaded, port: int, host: str = "[::]") -> tuple[Server, TargetServicer]:
+async def serve(loaded, port: int, host: str = "[::]", tls: ServerTLS | None = None,
+                max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S
+                ) -> tuple[Server, TargetServicer]:
     servicer = TargetServicer(loaded)
-    server = Server([pearl_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name])
+    servicer.idle_s = idle_s
+    server = Server([pearl_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
+                    label="target service", max_sessions=max_sessions)
     pearl_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server.grpc)
-    await server.start(port, host)
+    await server.start(port, host, tls.credentials() if tls else None)
     log.info("target service on port %d (%s)", server.port, loaded.name)
     return server, servicer

@@ -67,6 +67,11 @@ class TargetSession:
                held: bool) -> Verdict:
         """Judge ``draft`` for positions position.. and commit the verdict."""
         self._check(position, draft, qs, held)
+        if not draft and self.held is not None:  # the target alone, from the kept distribution
+            token = choose(self.held, self.sampling, position)
+            self.held = None
+            self.seq.extend([token])  # committed, not yet fed
+            return Verdict(position, 0, 0, token, len(self.seq))
         if held:  # one token, judged with the kept distribution: no forward pass
             accepted, token = judge(self.held[None], draft, qs, self.sampling, position, False)
             self.held = None
@@ -104,8 +109,6 @@ class TargetSession:
             raise ProtocolError(f"window.draft_ids holds ids outside the vocabulary of {vocab}")
         if not self.sampling.greedy and len(qs) != len(draft):
             raise ProtocolError(f"window.q has {len(qs)} distributions for {len(draft)} tokens")
-        if not held and self.held is not None and not draft:
-            raise ProtocolError("window without draft tokens while a distribution is held")
         if held and (self.held is None or len(draft) != 1):
             raise ProtocolError("window.held needs exactly one draft token and a held "
                                 "distribution (after start without first_token or a fully "
