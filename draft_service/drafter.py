@@ -7,12 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.kv import CachedSequence
+from specdec.kv import CachedSequence, ProtocolError, check_prompt
 from specdec.sampling import DRAFT, Sampling, WireDist, compress, uniform, warp
-
-
-class ProtocolError(ValueError):
-    """A control message that does not fit the session's state."""
 
 
 @dataclass
@@ -35,14 +31,7 @@ class DraftSession:
 
     def __init__(self, model: torch.nn.Module, prompt_ids: list[int], window_id: int, goal: int,
                  max_positions: int, sampling: Sampling = Sampling(), q_tail: float = 1e-4):
-        if not prompt_ids:
-            raise ProtocolError("start.prompt_ids is empty")
-        if len(prompt_ids) >= max_positions:
-            raise ProtocolError(
-                f"start.prompt_ids has {len(prompt_ids)} tokens; the model takes {max_positions}")
-        vocab = model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ProtocolError(f"start.prompt_ids holds ids outside the vocabulary of {vocab}")
+        check_prompt(prompt_ids, model.config.vocab_size, max_positions)
         self.max_positions = max_positions
         self.sampling = sampling
         self.q_tail = q_tail

@@ -218,7 +218,8 @@ def bench(a) -> int:
     matplotlib.use("Agg")
     from tqdm import tqdm
 
-    from pearl.bench_local import ALL_CPUS, InProcessCluster, Local, load_pair, measure_times
+    from pearl.bench_local import ALL_CPUS, Local, load_pair, measure_times
+    from pearl.cluster import Cluster
     from pearl.client import Client
     from pearl.procs import running
 
@@ -259,7 +260,7 @@ def bench(a) -> int:
         address = None
         if use_services:
             if a.tiny:
-                cluster = InProcessCluster(draft, target, a.gamma)
+                cluster = Cluster(draft, target, a.gamma)
                 address = cluster.address
             else:
                 d, t = svcs.wait("draft"), svcs.wait("target")

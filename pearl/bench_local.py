@@ -10,8 +10,6 @@ threads of the ``-all`` runs are not stuck on the core a ``-1t`` run pinned.
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import os
 import statistics
 import threading
@@ -20,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.models import LoadedModel, load_model, tiny_loaded
+from specdec.models import LoadedModel, load_model, noisy_copy, tiny_loaded
 
 ALL_CPUS = sorted(os.sched_getaffinity(0))
 
@@ -41,52 +39,11 @@ def warm_pool(model) -> None:
 # -- tiny models (for --tiny and the CI test) -----------------------------------------------------
 
 
-def noisy_copy(loaded: LoadedModel, seed: int, scale: float) -> LoadedModel:
-    """A draft that agrees with ``loaded`` often but not always: its weights plus noise."""
-    model = copy.deepcopy(loaded.model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
-    return LoadedModel(f"{loaded.name}-noisy{seed}", model, loaded.tokenizer, loaded.device,
-                       loaded.dtype)
-
-
 def load_pair(draft: str, target: str, dtype: str, tiny: bool) -> tuple[LoadedModel, LoadedModel]:
     if tiny:
         t = tiny_loaded(2)
         return noisy_copy(t, 7, 0.08), t
     return load_model(draft, "cpu", dtype), load_model(target, "cpu", dtype)
-
-
-class InProcessCluster:
-    """Draft, target and coordinator servers on a background event loop (for ``--tiny``)."""
-
-    def __init__(self, draft: LoadedModel, target: LoadedModel, gamma: int = 4, gamma_max: int = 8):
-        from coordinator.server import serve as serve_coordinator
-        from draft_service.server import serve as serve_draft
-        from target_service.server import serve as serve_target
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.draft_server, self.draft = self.call(serve_draft(draft, 0, "127.0.0.1"))
-        self.target_server, self.target = self.call(serve_target(target, 0, "127.0.0.1"))
-        self.coord_server, self.coordinator = self.call(serve_coordinator(
-            f"127.0.0.1:{self.target_server.port}", f"127.0.0.1:{self.draft_server.port}",
-            0, "127.0.0.1", gamma, gamma_max))
-        self.address = f"127.0.0.1:{self.coord_server.port}"
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=600)
-
-    def close(self) -> None:
-        self.call(self.coord_server.stop(1))
-        self.call(self.coordinator.close())
-        for s in (self.draft_server, self.target_server):
-            self.call(s.stop(1))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
 
 
 # -- transformers contenders ----------------------------------------------------------------------

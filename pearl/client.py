@@ -11,7 +11,6 @@
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 from opentelemetry import propagate
 

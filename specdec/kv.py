@@ -7,6 +7,21 @@ import torch
 from transformers import DynamicCache
 
 
+class ProtocolError(ValueError):
+    """A message that does not fit a session's state (answered with INVALID_ARGUMENT)."""
+
+
+def check_prompt(prompt_ids: list[int], vocab: int, max_positions: int) -> None:
+    """Raise ProtocolError naming start.prompt_ids when a session cannot start on it."""
+    if not prompt_ids:
+        raise ProtocolError("start.prompt_ids is empty")
+    if len(prompt_ids) >= max_positions:
+        raise ProtocolError(
+            f"start.prompt_ids has {len(prompt_ids)} tokens; the model takes {max_positions}")
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise ProtocolError(f"start.prompt_ids holds ids outside the vocabulary of {vocab}")
+
+
 @dataclass
 class Forward:
     """The outcome of one forward pass."""

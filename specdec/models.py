@@ -8,6 +8,7 @@ Qwen2 from a config in code; two seeds give a draft and a target that share one 
 
 from __future__ import annotations
 
+import copy
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,3 +171,14 @@ def tiny_loaded(seed: int, **kw: Any) -> LoadedModel:
     return LoadedModel(
         name=f"tiny-{seed}", model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32
     )
+
+
+def noisy_copy(loaded: LoadedModel, seed: int, scale: float) -> LoadedModel:
+    """A draft that agrees with ``loaded`` often but not always: its weights plus noise."""
+    model = copy.deepcopy(loaded.model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
+    return LoadedModel(f"{loaded.name}-noisy{seed}", model, loaded.tokenizer, loaded.device,
+                       loaded.dtype)

@@ -1,47 +1,5 @@
-"""The three services in one process, on loopback ports, for tests with tiny models."""
+"""The in-process cluster the tests use lives in the package (pearl bench --tiny uses it too)."""
 
-import asyncio
-import threading
+from pearl.cluster import Cluster
 
-from coordinator.server import serve as serve_coordinator
-from draft_service.server import serve as serve_draft
-from target_service.server import serve as serve_target
-
-
-class Cluster:
-    """Draft, target and coordinator servers on a background event loop."""
-
-    def __init__(self, draft, target, gamma: int = 4, gamma_max: int = 8,
-                 draft_kw: dict | None = None, target_kw: dict | None = None,
-                 coordinator_kw: dict | None = None):
-        """``*_kw``: extra keyword arguments of each service's ``serve`` (TLS, limits)."""
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.servers = []
-        self.draft_server = self.target_server = None
-        if draft is not None:
-            self.draft_server, self.draft = self.call(serve_draft(draft, 0, "127.0.0.1",
-                                                                  **(draft_kw or {})))
-            self.servers.append(self.draft_server)
-        self.target_server, self.target = self.call(serve_target(target, 0, "127.0.0.1",
-                                                                 **(target_kw or {})))
-        self.servers.append(self.target_server)
-        self.coord_server, self.coordinator = self.call(serve_coordinator(
-            f"127.0.0.1:{self.target_server.port}",
-            f"127.0.0.1:{self.draft_server.port}" if draft is not None else None,
-            0, "127.0.0.1", gamma, gamma_max, **(coordinator_kw or {})))
-        self.address = f"127.0.0.1:{self.coord_server.port}"
-        self.draft_address = f"127.0.0.1:{self.draft_server.port}" if draft is not None else None
-        self.target_address = f"127.0.0.1:{self.target_server.port}"
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=600)
-
-    def close(self) -> None:
-        self.call(self.coord_server.stop(1))
-        self.call(self.coordinator.close())
-        for s in self.servers:
-            self.call(s.stop(1))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+__all__ = ["Cluster"]

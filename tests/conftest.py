@@ -1,4 +1,3 @@
-import copy
 import os
 import sys
 
@@ -8,20 +7,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from cluster import Cluster  # noqa: E402
-from specdec.models import LoadedModel, tiny_loaded  # noqa: E402
+from specdec.models import LoadedModel, noisy_copy, tiny_loaded  # noqa: E402, F401
 
 torch.set_num_threads(1)
-
-
-def noisy_copy(loaded: LoadedModel, seed: int, scale: float) -> LoadedModel:
-    """A draft that agrees with ``loaded`` often but not always: its weights plus noise."""
-    model = copy.deepcopy(loaded.model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-3))
-    return LoadedModel(f"{loaded.name}-noisy{seed}", model, loaded.tokenizer, loaded.device,
-                       loaded.dtype)
 
 
 def greedy_reference(loaded: LoadedModel, prompt: list[int], n: int) -> list[int]:
