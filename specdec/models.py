@@ -122,21 +122,9 @@ def tiny_config(
     )
 
 
-def tiny_model(
-    seed: int,
-    vocab_size: int = 512,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    max_position_embeddings: int = 1024,
-) -> Qwen2ForCausalLM:
-    """A random float32 Qwen2 in eval mode, its weights fixed by `seed`."""
-    config = tiny_config(
-        vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
-        max_position_embeddings,
-    )
+def tiny_model(seed: int, **shape: int) -> Qwen2ForCausalLM:
+    """A random float32 Qwen2 in eval mode, its weights fixed by `seed`; `shape` as `tiny_config`."""
+    config = tiny_config(**shape)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.float32).eval()
     gc = model.generation_config

@@ -147,14 +147,7 @@ def test_interleaved_sessions(cluster, tiny_target):
     ([pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=[]))], "prompt_ids is empty"),
 ])
 def test_target_protocol_errors(cluster, messages, fragment):
-    s = target_stream(cluster)
-    for m in messages:
-        s.send(m)
-    with pytest.raises(grpc.RpcError) as e:
-        while True:
-            s.recv()
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert fragment in e.value.details()
+    assert_refused(target_stream(cluster), messages, fragment)
 
 
 @pytest.mark.parametrize("messages,fragment", [
@@ -164,7 +157,11 @@ def test_target_protocol_errors(cluster, messages, fragment):
      "rollback.keep=50"),
 ])
 def test_draft_protocol_errors(cluster, messages, fragment):
-    s = draft_stream(cluster)
+    assert_refused(draft_stream(cluster), messages, fragment)
+
+
+def assert_refused(s: Stream, messages: list, fragment: str) -> None:
+    """Sending ``messages`` ends the stream with INVALID_ARGUMENT naming ``fragment``."""
     for m in messages:
         s.send(m)
     with pytest.raises(grpc.RpcError) as e:
