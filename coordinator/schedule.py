@@ -95,10 +95,6 @@ class Schedule:
         self.next_window_id = 1
         self.draft_lost: str | None = None  # why the target goes on alone (coordinator/fallback.py)
 
-    @property
-    def new_tokens(self) -> int:
-        return len(self.committed) - len(self.plan.prompt_ids)
-
     def window_len(self, gamma: int, start: int) -> int:
         """gamma, trimmed so the draft never drafts past the last useful position."""
         left = self.plan.max_new_tokens - (start - len(self.plan.prompt_ids))
