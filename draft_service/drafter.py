@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.kv import CachedSequence, ProtocolError, check_prompt
+from specdec.kv import CachedSequence, ProtocolError, check_ids, check_prompt
 from specdec.sampling import DRAFT, Sampling, WireDist, compress, uniform, warp
 
 
@@ -68,9 +68,7 @@ class DraftSession:
         if keep + len(append_ids) >= self.max_positions:
             raise ProtocolError(f"rollback.append_ids reach position {keep + len(append_ids)}; "
                                 f"the model takes {self.max_positions}")
-        vocab = self.seq.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in append_ids):
-            raise ProtocolError(f"rollback.append_ids holds ids outside the vocabulary of {vocab}")
+        check_ids(append_ids, self.seq.model.config.vocab_size, "rollback.append_ids")
         self.seq.truncate(keep)
         self.seq.extend(append_ids)
         self.windows = [(len(self.seq), window_id)]

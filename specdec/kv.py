@@ -18,8 +18,13 @@ def check_prompt(prompt_ids: list[int], vocab: int, max_positions: int) -> None:
     if len(prompt_ids) >= max_positions:
         raise ProtocolError(
             f"start.prompt_ids has {len(prompt_ids)} tokens; the model takes {max_positions}")
-    if any(not 0 <= t < vocab for t in prompt_ids):
-        raise ProtocolError(f"start.prompt_ids holds ids outside the vocabulary of {vocab}")
+    check_ids(prompt_ids, vocab, "start.prompt_ids")
+
+
+def check_ids(ids: list[int], vocab: int, field: str) -> None:
+    """Raise ProtocolError naming ``field`` when a token id is outside the vocabulary."""
+    if any(not 0 <= t < vocab for t in ids):
+        raise ProtocolError(f"{field} holds ids outside the vocabulary of {vocab}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.acceptance import choose, judge
-from specdec.kv import CachedSequence, ProtocolError, check_prompt
+from specdec.kv import CachedSequence, ProtocolError, check_ids, check_prompt
 from specdec.sampling import Sampling, WireDist
 
 
@@ -93,9 +93,7 @@ class TargetSession:
         if position + len(draft) >= self.max_positions:
             raise ProtocolError(f"window reaches position {position + len(draft)}; the model "
                                 f"takes {self.max_positions}")
-        vocab = self.seq.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in draft):
-            raise ProtocolError(f"window.draft_ids holds ids outside the vocabulary of {vocab}")
+        check_ids(draft, self.seq.model.config.vocab_size, "window.draft_ids")
         if not self.sampling.greedy and len(qs) != len(draft):
             raise ProtocolError(f"window.q has {len(qs)} distributions for {len(draft)} tokens")
         if held and (self.held is None or len(draft) != 1):

@@ -1,6 +1,8 @@
 import os
 import sys
+import time
 
+import grpc
 import pytest
 import torch
 
@@ -34,3 +36,15 @@ def cluster(tiny_draft, tiny_target):
     c = Cluster(tiny_draft, tiny_target)
     yield c
     c.close()
+
+
+def until_recovered(call, within_s: float, pause_s: float = 0.3):
+    """Retry ``call`` while it fails with UNAVAILABLE, for at most ``within_s``; its result."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() < deadline, "no recovery after the service came back"
+            time.sleep(pause_s)

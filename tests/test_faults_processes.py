@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import until_recovered
 from pearl.client import Client, Delta, Result
 from pearl.procs import running
 from specdec import model_store
@@ -109,15 +110,8 @@ def test_target_killed_mid_request_then_restarted(svcs, reference):
         assert not any(isinstance(p, Result) for p in got)
 
         restart(svcs, "target")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                r = c.complete(PROMPT, mode="pearl", max_new_tokens=N, ignore_eos=True)
-                break
-            except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.UNAVAILABLE
-                assert time.monotonic() < deadline, "no recovery after the target came back"
-                time.sleep(0.5)
+        r = until_recovered(
+            lambda: c.complete(PROMPT, mode="pearl", max_new_tokens=N, ignore_eos=True), 30, 0.5)
         assert r.token_ids == reference
 
 
