@@ -92,10 +92,11 @@ class TargetLink(_Link):
         return resp.result
 
     async def start(self, session_id: str, prompt_ids: list[int], sampling: pb.SamplingParams,
-                    first_token: bool) -> None:
+                    first_token: bool, hidden_transfer: bool = False) -> None:
         await self.call.write(pb.VerifyRequest(start=pb.VerifyStart(
             session_id=session_id, prompt_ids=prompt_ids, sampling=sampling,
-            first_token=first_token, trace_context=inject_context())))
+            first_token=first_token, trace_context=inject_context(),
+            hidden_transfer=hidden_transfer)))
 
     async def verify(self, position: int, draft_ids: list[int], qs: list, window_id: int,
                      phase: str, bonus: bool = False, held: bool = False) -> None:

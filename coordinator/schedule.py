@@ -1,4 +1,4 @@
-"""The decoding schedules: ar, sd and pearl (DESIGN.md section 4).
+"""The decoding schedules: ar, sd, pearl and hidden-transfer (DESIGN.md section 4).
 
 Every schedule talks to the target through one Verify stream and (sd, pearl) to the draft through
 one Draft stream, and commits what the target decides. The target's answer to a window of n draft
@@ -23,6 +23,8 @@ is bookkeeping of that one rule.
   therefore independent of window lengths and of timing, for greedy and seeded sampling alike.
   gamma = ceil(t_verify / t_draft) from the services' measured forward times, clamped to
   [1, gamma_max], unless a fixed gamma is asked for.
+- hidden-transfer: the target alone, drafting for itself (target_service/hidden_transfer.py):
+  every window is empty and the target answers with the drafts it accepted plus its own token.
 """
 
 import math
@@ -117,7 +119,7 @@ class Schedule:
             self.timing.draft(ev.msg.forward_ns, ev.msg.input_tokens)
         elif ev.msg.input_tokens:  # a held verdict ran no forward pass
             self.rec.target_forward(ev.arrived_ns, ev.msg.forward_ns)
-            if ev.msg.phase != "start":
+            if ev.msg.phase not in ("start", "ht"):  # pearl's gamma: draft-verify windows only
                 self.timing.verify(ev.msg.forward_ns)
         return ev
 
@@ -142,6 +144,23 @@ async def run_ar(s: Schedule) -> None:
         if s.commit([r.token_id]):
             return
         await s.target.verify(len(s.committed), [], [], 0, "ar", bonus=True)
+
+
+async def run_hidden_transfer(s: Schedule) -> None:
+    """The target alone, drafting for itself: several tokens per forward pass, no draft."""
+    await s.target.start(s.plan.session_id, s.plan.prompt_ids, s.plan.sampling, True,
+                         hidden_transfer=True)
+    r = await s.next_from("target")
+    if s.commit([r.token_id]):
+        return
+    while True:
+        wid = s.take_window_id()
+        await s.target.verify(len(s.committed), [], [], wid, "ht")
+        r = await s.next_from("target")
+        s.rec.window(r.verified)  # future positions the tree offered
+        s.rec.verified(wid, 0, r.verified, r.accepted)
+        if s.commit(list(r.accepted_ids) + [r.token_id]):
+            return
 
 
 async def run_sd(s: Schedule, gamma: int) -> None:

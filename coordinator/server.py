@@ -20,7 +20,16 @@ from coordinator.fallback import (
     guarded,
 )
 from coordinator.output import Output
-from coordinator.schedule import Pearl, Plan, Schedule, ServiceLost, Timing, run_ar, run_sd
+from coordinator.schedule import (
+    Pearl,
+    Plan,
+    Schedule,
+    ServiceLost,
+    Timing,
+    run_ar,
+    run_hidden_transfer,
+    run_sd,
+)
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
 from specdec.limits import DEFAULT_MAX_SESSIONS
@@ -32,7 +41,9 @@ from specdec.wire import sampling_from_pb, sampling_to_pb
 
 log = logging.getLogger("pearl.coordinator")
 
-MODES = {pb.MODE_AR: "ar", pb.MODE_SD: "sd", pb.MODE_PEARL: "pearl"}
+MODES = {pb.MODE_AR: "ar", pb.MODE_SD: "sd", pb.MODE_PEARL: "pearl",
+         pb.MODE_HIDDEN_TRANSFER: "hidden-transfer"}
+WITH_DRAFT = ("sd", "pearl")
 GAMMA_LIMIT = 64
 DEFAULT_MAX_PROMPT_TOKENS = 16384  # resource bounds per request (--max-prompt-tokens)
 DEFAULT_MAX_NEW_TOKENS = 4096  # (--max-new-tokens)
@@ -113,9 +124,13 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
     def plan(self, req: pb.GenerateRequest) -> tuple[str, Plan]:
         mode = MODES.get(req.mode) if req.mode else ("pearl" if self.draft_ch else "ar")
         if mode is None:
-            raise InvalidRequest(f"mode {req.mode} is not one of ar, sd, pearl")
-        if mode != "ar" and self.draft_ch is None:
+            raise InvalidRequest(f"mode {req.mode} is not one of {', '.join(MODES.values())}")
+        if mode in WITH_DRAFT and self.draft_ch is None:
             raise InvalidRequest(f"mode {mode} needs a draft service; this coordinator has none")
+        if mode == "hidden-transfer" and not self.target_info.hidden_transfer:
+            raise InvalidRequest("mode hidden-transfer needs transfer layers on the target "
+                                 "service; it has none (pearl transfer train; pearl serve target "
+                                 "--transfer FILE)")
         if req.max_new_tokens <= 0:
             raise InvalidRequest("max_new_tokens must be > 0")
         if req.max_new_tokens > self.max_new_tokens:  # a negative value arrives as >= 2^31
@@ -156,15 +171,17 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         rtrace = self.telemetry.request(context, mode, plan)  # pearl.generate; None when off
         events: asyncio.Queue = asyncio.Queue()
         target = TrackedTargetLink.open(self.target_ch, events)
-        down = draft_down(self.draft_ch) if mode != "ar" else None  # skip a draft known dead
-        draft = QueuedDraftLink.open(self.draft_ch, events) if mode != "ar" and not down else None
+        uses_draft = mode in WITH_DRAFT
+        down = draft_down(self.draft_ch) if uses_draft else None  # skip a draft known dead
+        draft = QueuedDraftLink.open(self.draft_ch, events) if uses_draft and not down else None
         eos = [] if request.ignore_eos else list(self.target_info.eos_token_ids)
         out = Output(self.tokenizer, plan.max_new_tokens, eos, list(request.stop))
         rec = Recorder(mode, len(plan.prompt_ids))
         s = Schedule if mode != "pearl" else Pearl
         sched = s(plan, target, draft, events, out, rec, self.timing)
         run = {"ar": lambda: run_ar(sched), "sd": lambda: run_sd(sched, plan.gamma),
-               "pearl": lambda: sched.run()}[mode]
+               "pearl": lambda: sched.run(),
+               "hidden-transfer": lambda: run_hidden_transfer(sched)}[mode]
         run = guarded(sched, run) if not down else (lambda: finish_alone(sched, down))
         task = traced_task(rtrace, run())  # the links inject the request span into the streams
         task.add_done_callback(lambda _: out.queue.put_nowait(None))

@@ -60,6 +60,11 @@ def add_serve(sub) -> None:
                         "when OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/tracing.md)")
     p.add_argument("--metrics-port", type=int, default=env("METRICS_PORT"),
                    help="serve Prometheus metrics on this port (/metrics)")
+    p.add_argument("--transfer", default=env("TRANSFER", "auto"),
+                   help="target: Hidden Transfer layers file; 'auto' (default) takes the model's "
+                        "trained or shipped file if there is one, 'none' serves without")
+    p.add_argument("--tree-nodes", type=int, default=int(env("TREE_NODES", 10)),
+                   help="target: candidate nodes per Hidden Transfer tree")
     add_serve_flags(p)  # TLS, auth token, session and request bounds (pearl/guard_flags.py)
     p.set_defaults(fn=cmd_serve)
 
@@ -87,7 +92,9 @@ def cmd_serve(a) -> None:
             server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a))
         elif a.role == "target":
             from target_service.server import serve
-            server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a))
+            server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a),
+                                           transfer=load_transfer(a.transfer, loaded.name),
+                                           tree_nodes=a.tree_nodes)
         else:
             from coordinator.server import serve
             server, servicer = await serve(a.target, a.draft, port, a.host, a.gamma, a.gamma_max,
@@ -107,11 +114,28 @@ def cmd_serve(a) -> None:
     tel.shutdown()  # flush the last spans
 
 
+def load_transfer(spec: str, model: str):
+    """--transfer: a file, 'auto' (the model's file if any) or 'none'."""
+    from target_service.transfer import Transfer, find
+
+    if spec == "none":
+        return None
+    path = find(model) if spec == "auto" else Path(spec)
+    if path is None:
+        return None
+    if not path.is_file():
+        sys.exit(f"pearl serve target: --transfer {spec}: no such file")
+    t = Transfer.load(path)
+    if Path(t.model).name != Path(model).name:
+        sys.exit(f"pearl serve target: {path} was trained for {t.model}, not {model}")
+    return t
+
+
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text through a coordinator")
     p.add_argument("prompt")
     p.add_argument("--coordinator", default=env("COORDINATOR", "localhost:50050"))
-    p.add_argument("--mode", default="pearl", choices=["ar", "sd", "pearl"])
+    p.add_argument("--mode", default="pearl", choices=["ar", "sd", "pearl", "hidden-transfer"])
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--gamma", type=int, default=0, help="fixed window (0: adaptive in pearl)")
     p.add_argument("--gamma-max", type=int, default=0)
@@ -197,8 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(required=True)
     from pearl.bench import add_bench
     from pearl.trace import add_trace
+    from pearl.transfer import add_transfer
 
-    for add in (add_serve, add_generate, add_models, add_demo, add_bench, add_trace):
+    for add in (add_serve, add_generate, add_models, add_demo, add_bench, add_trace,
+                add_transfer):
         add(sub)
     a = parser.parse_args(argv)
     a.fn(a)

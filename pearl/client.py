@@ -19,7 +19,8 @@ from protos.v1 import pearl_pb2_grpc
 from specdec.security import ClientTLS, bearer_metadata, sync_channel
 from specdec.serving import CHANNEL_OPTIONS
 
-MODES = {"ar": pb.MODE_AR, "sd": pb.MODE_SD, "pearl": pb.MODE_PEARL}
+MODES = {"ar": pb.MODE_AR, "sd": pb.MODE_SD, "pearl": pb.MODE_PEARL,
+         "hidden-transfer": pb.MODE_HIDDEN_TRANSFER}
 
 
 @dataclass

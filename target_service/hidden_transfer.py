@@ -19,28 +19,13 @@ last walked node seed the next tree.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import torch
 
 from specdec.acceptance import choose
 from specdec.kv import ProtocolError, check_prompt
 from specdec.sampling import Sampling
 from target_service.transfer import TransferLayers, TreeKV, logits, tree_forward
-
-
-@dataclass
-class Step:
-    """What one forward pass committed."""
-
-    position: int  # committed length before the step
-    drafted: int  # depth of the tree: future positions offered
-    accepted: list[int]  # candidate tokens accepted (a root path)
-    token_id: int  # the model's own token after them (the next root)
-    committed: int  # committed length after
-    forward_ns: int
-    started_unix_ns: int
-    input_tokens: int  # real and pseudo tokens fed
+from target_service.verifier import Verdict
 
 
 class HiddenTransferSession:
@@ -59,8 +44,24 @@ class HiddenTransferSession:
         self.drafts: torch.Tensor | None = None  # [k, hidden]: the root's pseudo states
         self.started = False
 
+    def start(self, first_token: bool = True) -> Verdict:
+        if not first_token:
+            raise ProtocolError("start.hidden_transfer needs start.first_token: the target "
+                                "chooses every token itself")
+        return self.prefill()
+
+    def verify(self, position: int, draft: list[int], qs, bonus: bool, held: bool) -> Verdict:
+        """A window of a Hidden Transfer session: no draft tokens, one tree step."""
+        if draft or qs or held:
+            raise ProtocolError("a hidden-transfer session drafts for itself: window.draft_ids, "
+                                "window.q and window.held must be empty")
+        if position != len(self.ids):
+            raise ProtocolError(
+                f"window.position={position} but the committed length is {len(self.ids)}")
+        return self.step()
+
     @torch.inference_mode()
-    def start(self) -> Step:
+    def prefill(self) -> Verdict:
         """Prefill the prompt with pseudo tokens under its last token; choose the first token."""
         if self.started:
             raise ProtocolError("start sent twice on one stream")
@@ -71,10 +72,10 @@ class HiddenTransferSession:
         self.ids.append(token)
         self.drafts = out.pseudo[0]
         self.started = True
-        return Step(n, 0, [], token, len(self.ids), *timing)
+        return Verdict(n, 0, 0, token, len(self.ids), *timing)
 
     @torch.inference_mode()
-    def step(self) -> Step:
+    def step(self) -> Verdict:
         """One forward over the tree under the root; commit the walked path and the next token."""
         if not self.started:
             raise ProtocolError("step before start")
@@ -105,7 +106,8 @@ class HiddenTransferSession:
         self.ids.extend(accepted + [token])
         self.drafts = out.pseudo[node]
         drafted = max((len(p) for p in paths), default=0)
-        return Step(position, drafted, accepted, token, len(self.ids), *timing)
+        return Verdict(position, drafted, len(accepted), token, len(self.ids), *timing,
+                       accepted_ids=accepted)
 
     def _tree(self, paths: list[tuple[int, ...]]) -> tuple[list[int], list[int], list[int]]:
         """Tokens, parent indices and depths of the root and one node per rank path."""

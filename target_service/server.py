@@ -10,7 +10,11 @@ from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
 from specdec.telemetry import Telemetry
 from specdec.wire import dist_from_pb, sampling_from_pb
+from target_service.hidden_transfer import HiddenTransferSession
+from target_service.transfer import Transfer, chain_paths, tree_paths
 from target_service.verifier import ProtocolError, TargetSession, Verdict
+
+DEFAULT_TREE_NODES = 10  # candidate nodes under the root (pearl transfer show: rank acceptance)
 
 log = logging.getLogger("pearl.target")
 
@@ -20,29 +24,55 @@ def to_pb(v: Verdict, window_id: int, phase: str) -> pearl_pb2.VerifyResponse:
         position=v.position, verified=v.verified, accepted=v.accepted,
         token_id=v.token_id if v.token_id is not None else 0, has_token=v.token_id is not None,
         committed=v.committed, forward_ns=v.forward_ns, started_unix_ns=v.started_unix_ns,
-        window_id=window_id, phase=phase, input_tokens=v.input_tokens))
+        window_id=window_id, phase=phase, input_tokens=v.input_tokens,
+        accepted_ids=v.accepted_ids))
+
+
+class Unavailable(Exception):
+    """A session this service cannot run (answered with FAILED_PRECONDITION)."""
 
 
 class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
     telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
     idle_s = DEFAULT_IDLE_S  # a session that hears nothing this long is closed (0: never)
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, transfer: Transfer | None = None,
+                 tree_nodes: int = DEFAULT_TREE_NODES):
         self.loaded = loaded
         self.runner = ModelRunner("target")
         self.live = 0
+        self.transfer = transfer
+        if transfer is not None:
+            transfer.layers.to(loaded.device, loaded.dtype)
+            k = transfer.layers.k
+            self.paths = (tree_paths(transfer.rank_acceptance, tree_nodes, k)
+                          if transfer.rank_acceptance else chain_paths(k)[:tree_nodes])
+
+    def describe_transfer(self) -> str:
+        if self.transfer is None:
+            return ""
+        t = self.transfer.layers
+        return f"layer {t.layer}, k {t.k}, rank {t.rank}, {len(self.paths)} tree nodes"
 
     async def GetModelInfo(self, request, context):
-        return model_info(self.loaded, self.live)
+        info = model_info(self.loaded, self.live)
+        info.hidden_transfer = self.describe_transfer()
+        return info
 
-    def open(self, start: pearl_pb2.VerifyStart) -> TargetSession:
+    def open(self, start: pearl_pb2.VerifyStart) -> TargetSession | HiddenTransferSession:
         try:
             sampling = sampling_from_pb(start.sampling)
         except ValueError as e:
             raise ProtocolError(f"start.sampling: {e}") from None
-        cfg = self.loaded.model.config
-        return TargetSession(self.loaded.model, list(start.prompt_ids),
-                             cfg.max_position_embeddings, sampling)
+        model, prompt = self.loaded.model, list(start.prompt_ids)
+        max_positions = model.config.max_position_embeddings
+        if start.hidden_transfer:
+            if self.transfer is None:
+                raise Unavailable("start.hidden_transfer: this target service has no transfer "
+                                  "layers (pearl transfer train, then serve with --transfer)")
+            return HiddenTransferSession(model, self.transfer.layers, self.paths, prompt,
+                                         max_positions, sampling)
+        return TargetSession(model, prompt, max_positions, sampling)
 
     async def Verify(self, request_iterator, context):
         session: TargetSession | None = None
@@ -81,6 +111,8 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                         raise ProtocolError("empty VerifyRequest")
                 except ProtocolError as e:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                except Unavailable as e:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
                 except ValueError as e:  # e.g. a draft token outside its q
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window: {e}")
         finally:
@@ -90,13 +122,15 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
 
 
 async def serve(loaded, port: int, host: str = "[::]", tls: ServerTLS | None = None,
-                max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S
+                max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S,
+                transfer: Transfer | None = None, tree_nodes: int = DEFAULT_TREE_NODES
                 ) -> tuple[Server, TargetServicer]:
-    servicer = TargetServicer(loaded)
+    servicer = TargetServicer(loaded, transfer, tree_nodes)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
                     label="target service", max_sessions=max_sessions)
     pearl_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server.grpc)
     await server.start(port, host, tls.credentials() if tls else None)
-    log.info("target service on port %d (%s)", server.port, loaded.name)
+    log.info("target service on port %d (%s%s)", server.port, loaded.name,
+             f"; hidden transfer: {servicer.describe_transfer()}" if transfer else "")
     return server, servicer

@@ -200,7 +200,7 @@ def tree_masks(parents: list[int], prefix: int, pseudo_for: list[int], k: int
     return low, high
 
 
-def _layers(model, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: TreeKV,
+def run_layers(model, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: TreeKV,
             layers: range) -> torch.Tensor:
     """Run decoder layers ``layers`` on h [1, rows, hidden] at ``positions`` [rows]."""
     pos = positions[None]
@@ -226,11 +226,11 @@ def tree_forward(model, transfer: TransferLayers, kv: TreeKV, tokens: list[int],
     low, high = tree_masks(parents, prefix, pseudo_for, k)
     pos = torch.tensor([prefix + d for d in depths], device=dev)
     h = model.model.embed_tokens(torch.tensor([tokens], device=dev))  # [1, n, hidden]
-    h = _layers(model, h, pos, low, kv, range(L))
+    h = run_layers(model, h, pos, low, kv, range(L))
     pseudo = transfer(h[0, pseudo_for]).reshape(1, -1, h.shape[-1])  # [1, g*k, hidden]
     offsets = torch.arange(1, k + 1, device=dev)
     ppos = (pos[pseudo_for][:, None] + offsets).reshape(-1)
-    h = _layers(model, torch.cat([h, pseudo], dim=1), torch.cat([pos, ppos]), high, kv,
+    h = run_layers(model, torch.cat([h, pseudo], dim=1), torch.cat([pos, ppos]), high, kv,
                 range(L, model.config.num_hidden_layers))
     h = model.model.norm(h[0])
     return TreeOut(h[:n], h[n:].reshape(len(pseudo_for), k, -1), pseudo_for)
@@ -239,3 +239,21 @@ def tree_forward(model, transfer: TransferLayers, kv: TreeKV, tokens: list[int],
 def logits(model, h: torch.Tensor) -> torch.Tensor:
     """LM head on final-norm hidden states h [..., hidden] -> float32 logits [..., vocab]."""
     return model.lm_head(h).float()
+
+
+PACKAGED = Path(__file__).parent / "weights"  # trained files shipped with the code
+
+
+def default_path(model: str) -> Path:
+    """Where `pearl transfer train` saves layers for ``model``: next to the model cache."""
+    from specdec.model_store import default_cache_dir
+
+    return default_cache_dir() / "transfer" / f"{Path(model).name}.safetensors"
+
+
+def find(model: str) -> Path | None:
+    """The layers for ``model``: a freshly trained file first, else the one shipped here."""
+    for path in (default_path(model), PACKAGED / f"{Path(model).name}.safetensors"):
+        if path.is_file():
+            return path
+    return None

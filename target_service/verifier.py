@@ -7,7 +7,7 @@ of the next position ("held"), so the draft's token there can be judged without 
 and every position is decided by the same rule whatever window it arrived in.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class Verdict:
     forward_ns: int = 0
     started_unix_ns: int = 0
     input_tokens: int = 0  # 0: no forward pass ran
+    accepted_ids: list[int] = field(default_factory=list)  # Hidden Transfer: its own drafts kept
 
 
 class TargetSession:

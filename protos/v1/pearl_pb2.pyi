@@ -13,10 +13,12 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_AR: _ClassVar[Mode]
     MODE_SD: _ClassVar[Mode]
     MODE_PEARL: _ClassVar[Mode]
+    MODE_HIDDEN_TRANSFER: _ClassVar[Mode]
 MODE_UNSPECIFIED: Mode
 MODE_AR: Mode
 MODE_SD: Mode
 MODE_PEARL: Mode
+MODE_HIDDEN_TRANSFER: Mode
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -43,7 +45,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "vocab_size", "eos_token_ids", "max_positions", "tokenizer_json", "chat_template", "device", "dtype", "live_sessions")
+    __slots__ = ("model", "vocab_size", "eos_token_ids", "max_positions", "tokenizer_json", "chat_template", "device", "dtype", "live_sessions", "hidden_transfer")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +55,7 @@ class ModelInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -62,7 +65,8 @@ class ModelInfoResponse(_message.Message):
     device: str
     dtype: str
     live_sessions: int
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_positions: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., live_sessions: _Optional[int] = ...) -> None: ...
+    hidden_transfer: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_positions: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., live_sessions: _Optional[int] = ..., hidden_transfer: _Optional[str] = ...) -> None: ...
 
 class DraftStart(_message.Message):
     __slots__ = ("session_id", "prompt_ids", "sampling", "window_id", "draft_until", "trace_context")
@@ -148,7 +152,7 @@ class DraftResponse(_message.Message):
     def __init__(self, proposal: _Optional[_Union[DraftProposal, _Mapping]] = ...) -> None: ...
 
 class VerifyStart(_message.Message):
-    __slots__ = ("session_id", "prompt_ids", "sampling", "first_token", "trace_context")
+    __slots__ = ("session_id", "prompt_ids", "sampling", "first_token", "trace_context", "hidden_transfer")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,12 +165,14 @@ class VerifyStart(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     first_token: bool
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., first_token: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    hidden_transfer: bool
+    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., first_token: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., hidden_transfer: _Optional[bool] = ...) -> None: ...
 
 class VerifyWindow(_message.Message):
     __slots__ = ("position", "draft_ids", "q", "window_id", "phase", "bonus", "held")
@@ -201,7 +207,7 @@ class VerifyRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[VerifyStart, _Mapping]] = ..., window: _Optional[_Union[VerifyWindow, _Mapping]] = ..., stop: _Optional[_Union[VerifyStop, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("position", "verified", "accepted", "token_id", "committed", "forward_ns", "started_unix_ns", "window_id", "phase", "input_tokens", "has_token")
+    __slots__ = ("position", "verified", "accepted", "token_id", "committed", "forward_ns", "started_unix_ns", "window_id", "phase", "input_tokens", "has_token", "accepted_ids")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +219,7 @@ class VerifyResult(_message.Message):
     PHASE_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_IDS_FIELD_NUMBER: _ClassVar[int]
     position: int
     verified: int
     accepted: int
@@ -224,7 +231,8 @@ class VerifyResult(_message.Message):
     phase: str
     input_tokens: int
     has_token: bool
-    def __init__(self, position: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., committed: _Optional[int] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., input_tokens: _Optional[int] = ..., has_token: _Optional[bool] = ...) -> None: ...
+    accepted_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, position: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., committed: _Optional[int] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., input_tokens: _Optional[int] = ..., has_token: _Optional[bool] = ..., accepted_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("result",)
