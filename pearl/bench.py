@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 DEFAULT_MODELS = {"draft": "qwen2.5-coder-0.5b-instruct", "target": "qwen2.5-coder-1.5b-instruct"}
-SERVICE = ("ar", "sd", "pearl")
+SERVICE = ("ar", "sd", "pearl", "hidden-transfer")
 LOCAL = ("hf-assisted-1t", "hf-assisted-all", "ar-local-1t", "ar-local-all")
 CONTENDERS = SERVICE + LOCAL
 BASELINE = "ar-local-1t"
@@ -93,6 +93,15 @@ def expand(contenders: list[str], sweep: bool) -> list[tuple[str, str]]:
     if sweep:
         runs += [(f"{m}-g{g}", f"{m}-g{g}") for m in ("sd", "pearl") for g in SWEEP]
     return runs
+
+
+def untrained(loaded):
+    """Copy-forward transfer layers for --tiny (a harness check: the mode runs, drafts poorly)."""
+    from target_service.transfer import Transfer, TransferLayers
+
+    cfg = loaded.model.config
+    layers = TransferLayers(cfg.hidden_size, cfg.num_hidden_layers // 2, 3, 8)
+    return Transfer(layers, loaded.name)
 
 
 def service_run(client, run: str, ids: list[int], m: int, gamma: int) -> dict:
@@ -260,7 +269,7 @@ def bench(a) -> int:
         address = None
         if use_services:
             if a.tiny:
-                cluster = Cluster(draft, target, a.gamma)
+                cluster = Cluster(draft, target, a.gamma, target_kw={"transfer": untrained(target)})
                 address = cluster.address
             else:
                 d, t = svcs.wait("draft"), svcs.wait("target")
