@@ -5,7 +5,7 @@ PEARL  := $(VENV)/bin/pearl
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup protos models run demo test test-fast bench clean
+.PHONY: setup protos models run demo test test-fast bench transfer clean
 
 setup: $(STAMP)
 
@@ -56,3 +56,8 @@ deploy:
 # Benchmark ar/sd/pearl (services on loopback, one pinned core each) against transformers.
 bench: setup
 	$(PEARL) bench
+
+# Train Hidden Transfer layers for the default target (docs/hidden-transfer.md); the target
+# service then finds them in the model cache. A trained file also ships in target_service/weights.
+transfer: setup
+	$(PEARL) transfer train

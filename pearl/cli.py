@@ -63,7 +63,7 @@ def add_serve(sub) -> None:
     p.add_argument("--transfer", default=env("TRANSFER", "auto"),
                    help="target: Hidden Transfer layers file; 'auto' (default) takes the model's "
                         "trained or shipped file if there is one, 'none' serves without")
-    p.add_argument("--tree-nodes", type=int, default=int(env("TREE_NODES", 10)),
+    p.add_argument("--tree-nodes", type=int, default=int(env("TREE_NODES", 4)),
                    help="target: candidate nodes per Hidden Transfer tree")
     add_serve_flags(p)  # TLS, auth token, session and request bounds (pearl/guard_flags.py)
     p.set_defaults(fn=cmd_serve)

@@ -1,5 +1,6 @@
 """`pearl demo`: the three services as separate processes on loopback with the default pair,
-one code prompt through ar, sd and pearl, and a comparison table."""
+one code prompt through ar, sd, pearl and (when the target has transfer layers) hidden-transfer,
+and a comparison table."""
 
 import os
 import time
@@ -34,6 +35,18 @@ def cpu_split() -> tuple[str | None, str | None]:
     return (str(cpus[0]), str(cpus[1])) if len(cpus) >= 2 else (None, None)
 
 
+def has_transfer(target: str) -> bool:
+    """Whether the target service at ``target`` holds Hidden Transfer layers."""
+    import grpc
+
+    from protos.v1 import pearl_pb2, pearl_pb2_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        info = pearl_pb2_grpc.TargetServiceStub(ch).GetModelInfo(pearl_pb2.ModelInfoRequest(),
+                                                                timeout=30)
+    return bool(info.hidden_transfer)
+
+
 def demo(a) -> int:
     prompt = a.prompt or humaneval_prompt(0)
     draft_cpu, target_cpu = cpu_split()
@@ -54,7 +67,10 @@ def demo(a) -> int:
         rows, outputs = [], {}
         with Client(coord) as c:
             c.complete(prompt, mode="ar", max_new_tokens=4)  # warm-up: first-call costs
-            for mode in ("ar", "sd", "pearl"):
+            modes = ["ar", "sd", "pearl"]
+            if has_transfer(target):
+                modes.append("hidden-transfer")
+            for mode in modes:
                 print(f"\n--- {mode} ---")
                 for part in c.generate(prompt, mode=mode, max_new_tokens=a.max_new_tokens,
                                        gamma=a.gamma if mode == "sd" else 0):

@@ -5,8 +5,8 @@ Each step is one forward pass over a token tree:
     root      the token chosen last step (committed, not yet fed), at position p
     nodes     candidates for p+1 .. p+k from the root's draft distributions, shaped by the
               session's rank paths (transfer.tree_paths)
-    pseudo    k pseudo tokens under every node, so whichever node ends up last accepted already
-              has its drafts for the next step
+    pseudo    pseudo tokens under every node (as many as the tree is deep, at most k), so
+              whichever node ends up last accepted already has its drafts for the next step
 
 Then the walk: from the root, the model chooses its own token at the next position from the
 node's logits (argmax, or a draw keyed to (seed, position) exactly as in ar); when a child holds
@@ -37,6 +37,7 @@ class HiddenTransferSession:
             raise ValueError(f"tree paths reach depth {max(len(p) for p in paths)}; "
                              f"the transfer layers draft k={transfer.k}")
         self.model, self.transfer, self.paths = model, transfer, paths
+        self.k = max((len(p) for p in paths), default=1)  # pseudo tokens the tree needs
         self.max_positions = max_positions
         self.sampling = sampling
         self.ids = list(prompt_ids)  # committed; ids[-1] is the root once started
@@ -128,8 +129,9 @@ class HiddenTransferSession:
     def _forward(self, tokens, parents, depths, pseudo_for):
         started_unix_ns = time.time_ns()
         t0 = time.perf_counter_ns()
-        out = tree_forward(self.model, self.transfer, self.kv, tokens, parents, depths, pseudo_for)
+        out = tree_forward(self.model, self.transfer, self.kv, tokens, parents, depths, pseudo_for,
+                           self.k)
         if out.nodes.device.type == "cuda":
             torch.cuda.synchronize(out.nodes.device)
-        fed = len(tokens) + len(pseudo_for) * self.transfer.k
+        fed = len(tokens) + len(pseudo_for) * self.k
         return out, (time.perf_counter_ns() - t0, started_unix_ns, fed)

@@ -14,7 +14,7 @@ from target_service.hidden_transfer import HiddenTransferSession
 from target_service.transfer import Transfer, chain_paths, tree_paths
 from target_service.verifier import ProtocolError, TargetSession, Verdict
 
-DEFAULT_TREE_NODES = 10  # candidate nodes under the root (pearl transfer show: rank acceptance)
+DEFAULT_TREE_NODES = 4  # candidate nodes under the root (docs/hidden-transfer.md: the sweep)
 
 log = logging.getLogger("pearl.target")
 

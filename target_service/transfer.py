@@ -213,21 +213,25 @@ def run_layers(model, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tens
 
 
 def tree_forward(model, transfer: TransferLayers, kv: TreeKV, tokens: list[int],
-                 parents: list[int], depths: list[int], pseudo_for: list[int]) -> TreeOut:
+                 parents: list[int], depths: list[int], pseudo_for: list[int],
+                 k: int | None = None) -> TreeOut:
     """One forward of the model over nodes ``tokens`` that continue the cached prefix.
 
     Node j sits at position kv.length + depths[j] and attends to the prefix and its ancestors;
     the nodes in ``pseudo_for`` also get k pseudo tokens at layer L, at positions node + 1..k.
-    Prefill is the chain case (parents j-1, depths j, pseudo for the last node only).
+    Prefill is the chain case (parents j-1, depths j, pseudo for the last node only). ``k``
+    (default: all of the layers' k) computes only the first k pseudo tokens: a tree that never
+    goes deeper than k needs no more.
     """
     dev = next(model.parameters()).device
-    n, k, L = len(tokens), transfer.k, transfer.layer
+    n, L = len(tokens), transfer.layer
+    k = transfer.k if k is None else k
     prefix = kv.length
     low, high = tree_masks(parents, prefix, pseudo_for, k)
     pos = torch.tensor([prefix + d for d in depths], device=dev)
     h = model.model.embed_tokens(torch.tensor([tokens], device=dev))  # [1, n, hidden]
     h = run_layers(model, h, pos, low, kv, range(L))
-    pseudo = transfer(h[0, pseudo_for]).reshape(1, -1, h.shape[-1])  # [1, g*k, hidden]
+    pseudo = transfer(h[0, pseudo_for])[:, :k].reshape(1, -1, h.shape[-1])  # [1, g*k, hidden]
     offsets = torch.arange(1, k + 1, device=dev)
     ppos = (pos[pseudo_for][:, None] + offsets).reshape(-1)
     h = run_layers(model, torch.cat([h, pseudo], dim=1), torch.cat([pos, ppos]), high, kv,

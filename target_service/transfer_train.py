@@ -13,10 +13,12 @@ The real tokens' keys/values above layer L and their layer-L states are computed
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -154,9 +156,12 @@ def evaluate(model, transfer: TransferLayers, texts: list[Text]) -> tuple[float,
 
 def train(loaded, prompts: list[list[int]], layer: int, k: int, rank: int, *,
           new_tokens: int = 64, epochs: int = 2, rows_per_step: int = 64, lr: float = 2e-3,
-          held_out: float = 0.15, batch: int = 8, seed: int = 0, progress: bool = True
-          ) -> Transfer:
-    """Self-generate, prepare, train; returns the layers with their held-out measurements."""
+          held_out: float = 0.15, batch: int = 8, seed: int = 0, progress: bool = True,
+          corpus: Path | None = None) -> Transfer:
+    """Self-generate, prepare, train; returns the layers with their held-out measurements.
+
+    ``corpus``: a JSON file of the self-generated texts, reused when it was written for the same
+    prompts and length (it does not depend on the layer, k or rank), written otherwise."""
     model = loaded.model
     n_layers = model.config.num_hidden_layers
     if not 0 < layer < n_layers:
@@ -170,7 +175,15 @@ def train(loaded, prompts: list[list[int]], layer: int, k: int, rank: int, *,
     t_start = time.monotonic()
     pad = loaded.tokenizer.pad_token_id
     pad = pad if pad is not None else 0
-    texts_ids = self_generate(model, prompts, new_tokens, batch, pad, progress)
+    key = {"model": loaded.name, "prompts": prompts, "new_tokens": new_tokens}
+    cached = json.loads(corpus.read_text()) if corpus and corpus.is_file() else {}
+    if cached.get("key") == key:
+        texts_ids = cached["texts"]
+    else:
+        texts_ids = self_generate(model, prompts, new_tokens, batch, pad, progress)
+        if corpus:
+            corpus.parent.mkdir(parents=True, exist_ok=True)
+            corpus.write_text(json.dumps({"key": key, "texts": texts_ids}))
     t_gen = time.monotonic() - t_start
     texts = [prepare(model, layer, ids) for ids in tqdm(texts_ids, desc="teacher pass",
                                                         disable=not progress, unit="text")]

@@ -197,7 +197,7 @@ def test_untrained_layers_copy_the_state_forward():
 
 @pytest.fixture(scope="module")
 def ht_cluster(ht_target, trained):
-    c = Cluster(None, ht_target, target_kw={"transfer": trained})
+    c = Cluster(None, ht_target, target_kw={"transfer": trained, "tree_nodes": 10})
     yield c
     c.close()
 
