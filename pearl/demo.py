@@ -40,8 +40,10 @@ def has_transfer(target: str) -> bool:
     import grpc
 
     from protos.v1 import pearl_pb2, pearl_pb2_grpc
+    from specdec.serving import CHANNEL_OPTIONS
 
-    with grpc.insecure_channel(target) as ch:
+    # ModelInfo carries the tokenizer (~7 MB for Qwen): past gRPC's 4 MB default
+    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
         info = pearl_pb2_grpc.TargetServiceStub(ch).GetModelInfo(pearl_pb2.ModelInfoRequest(),
                                                                 timeout=30)
     return bool(info.hidden_transfer)

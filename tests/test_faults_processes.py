@@ -20,9 +20,7 @@ PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n
 N = 48
 COMMON = ["--model", MODEL, "--dtype", "float32", "--threads", "1"]
 
-pytestmark = [pytest.mark.slow,  # three processes start and restart: ~50 s on two cores
-              pytest.mark.skipif(not model_store.is_cached(MODEL),
-                                 reason=f"{MODEL} is not in the model cache (pearl models fetch)")]
+pytestmark = pytest.mark.slow  # three processes start and restart: ~50 s on two cores
 
 
 def health(address: str) -> int | None:
@@ -36,6 +34,7 @@ def health(address: str) -> int | None:
 
 @pytest.fixture(scope="module")
 def svcs(tmp_path_factory):
+    model_store.resolve(MODEL)  # fetched and converted once (~30 s), not by two services at once
     with running(tmp_path_factory.mktemp("faults")) as s:
         s.start("draft", COMMON)
         s.start("target", COMMON)
