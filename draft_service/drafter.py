@@ -3,11 +3,12 @@
 Model code only: no gRPC here. The servicer feeds it control messages and sends its proposals.
 """
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from specdec.kv import CachedSequence, ProtocolError, check_ids, check_prompt
+from specdec.kv import CachedSequence, ProtocolError, check_ids, check_prompt, make_abortable
 from specdec.sampling import DRAFT, Sampling, WireDist, compress, uniform, warp
 
 
@@ -35,6 +36,7 @@ class DraftSession:
         self.max_positions = max_positions
         self.sampling = sampling
         self.q_tail = q_tail
+        make_abortable(model)
         self.seq = CachedSequence(model, prompt_ids)
         self.windows: list[tuple[int, int]] = [(len(prompt_ids), window_id)]
         self.goal = self._checked_goal(goal, "start.draft_until")
@@ -74,9 +76,12 @@ class DraftSession:
         self.windows = [(len(self.seq), window_id)]
         self.goal = self._checked_goal(goal, "rollback.draft_until")
 
-    def step(self) -> Proposal:
-        """Draft one token at the end of the sequence (one forward pass)."""
-        f = self.seq.forward(keep=1)
+    def step(self, abort: threading.Event | None = None) -> Proposal:
+        """Draft one token at the end of the sequence (one forward pass).
+
+        Raises specdec.kv.Aborted, leaving the session as it was, when ``abort`` is set before
+        the pass ends (a rollback or stop arrived: the token would be stale)."""
+        f = self.seq.forward(keep=1, abort=abort)
         position = len(self.seq)
         q = None
         if self.sampling.greedy:  # q is one-hot: the id alone says it

@@ -2,11 +2,13 @@
 
 import asyncio
 import logging
+import threading
 
 import grpc
 
 from draft_service.drafter import DraftSession, Proposal, ProtocolError
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
+from specdec.kv import Aborted
 from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, idle_get
 from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
@@ -32,18 +34,25 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
         self.q_tail = q_tail
         self.runner = ModelRunner("draft")
         self.live = 0
+        self.aborted = 0  # draft forwards stopped early because their token went stale
 
     async def GetModelInfo(self, request, context):
         return model_info(self.loaded, self.live)
 
     async def Draft(self, request_iterator, context):
         inbox: asyncio.Queue = asyncio.Queue()
+        # Set when a message arrives that makes the token being drafted stale (rollback, stop,
+        # end of stream): the forward in flight stops at its next decoder layer.
+        abort = threading.Event()
 
         async def pump():
             try:
                 async for req in request_iterator:
+                    if req.WhichOneof("kind") in ("rollback", "stop"):
+                        abort.set()
                     await inbox.put(req)
             finally:
+                abort.set()
                 await inbox.put(None)
 
         pump_task = asyncio.create_task(pump())
@@ -70,7 +79,14 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
                         dtrace = self.telemetry.draft_session(req.start)
                     elif dtrace is not None:
                         dtrace.request(req)
-                proposal = await self.runner.run(session.step)
+                # The inbox is empty here and nothing ran since it was checked (no await): every
+                # message that sets ``abort`` from now on is one the step has not seen.
+                abort.clear()
+                try:
+                    proposal = await self.runner.run(session.step, abort)
+                except Aborted:  # a rollback or stop is waiting in the inbox
+                    self.aborted += 1
+                    continue
                 if dtrace is not None:
                     dtrace.proposal(proposal)
                 yield to_pb(proposal)

@@ -1,5 +1,6 @@
 """A token sequence whose KV cache covers a prefix of it and rolls back to any position."""
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,34 @@ def check_ids(ids: list[int], vocab: int, field: str) -> None:
     """Raise ProtocolError naming ``field`` when a token id is outside the vocabulary."""
     if any(not 0 <= t < vocab for t in ids):
         raise ProtocolError(f"{field} holds ids outside the vocabulary of {vocab}")
+
+
+class Aborted(Exception):
+    """A forward pass given up between two decoder layers because its abort event was set."""
+
+
+_current = threading.local()  # .abort: the Event of the forward running on this thread
+
+
+def _check_abort(module, args) -> None:
+    abort = getattr(_current, "abort", None)
+    if abort is not None and abort.is_set():
+        raise Aborted
+
+
+def make_abortable(model: torch.nn.Module) -> None:
+    """Let ``CachedSequence.forward(abort=event)`` stop ``model`` between two decoder layers.
+
+    A draft forward whose token a rollback has made stale is worth nothing; stopping it at the
+    next layer instead of the end saves half a draft step per rejection on average. Installs one
+    pre-hook per decoder layer (once per model; models without ``.model.layers`` run to the end).
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or getattr(model, "_pearl_abortable", False):
+        return
+    for layer in layers:
+        layer.register_forward_pre_hook(_check_abort)
+    model._pearl_abortable = True
 
 
 @dataclass
@@ -68,8 +97,12 @@ class CachedSequence:
             self.cached = n
 
     @torch.inference_mode()
-    def forward(self, keep: int = 1) -> Forward:
-        """Feed ``ids[cached:]``; return logits for the last ``keep`` fed positions."""
+    def forward(self, keep: int = 1, abort: threading.Event | None = None) -> Forward:
+        """Feed ``ids[cached:]``; return logits for the last ``keep`` fed positions.
+
+        With ``abort`` (and ``make_abortable(model)``), raise Aborted when the event is set
+        before the pass ends; the sequence and its cache are then as they were before the call.
+        """
         feed = self.ids[self.cached :]
         if not feed:
             raise ValueError("nothing to feed: the whole sequence is cached")
@@ -77,9 +110,20 @@ class CachedSequence:
         started_unix_ns = time.time_ns()
         t0 = time.perf_counter_ns()
         input_ids = torch.tensor([feed], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep
-        )
+        _current.abort = abort
+        try:
+            out = self.model(
+                input_ids=input_ids, past_key_values=self.cache, use_cache=True,
+                logits_to_keep=keep
+            )
+        except Aborted:
+            for layer in self.cache.layers:  # the layers that ran appended the fed tokens
+                extra = layer.get_seq_length() - self.cached if layer.is_initialized else 0
+                if extra > 0:
+                    layer.crop(-extra)
+            raise
+        finally:
+            _current.abort = None
         logits = out.logits[0, -keep:].float()  # [keep, vocab]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

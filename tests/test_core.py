@@ -84,3 +84,31 @@ def test_recorder_runs_and_positions():
     assert s["mean_accepted_tokens"] == pytest.approx((6 + 0 + 0) / 3)  # runs 6, 0, final 0
     assert s["per_position_acceptance"] == [2 / 3, 1.0, 0.5, 0.5]
     assert s["draft_length_histogram"] == {1: 1, 4: 2}
+
+
+def test_abort_leaves_the_sequence_as_it_was():
+    """A forward stopped between two decoder layers (a stale draft step) drops the KV entries the
+    layers that ran appended: the next forward equals recomputation."""
+    import threading
+
+    from specdec.kv import Aborted, make_abortable
+
+    model = tiny_model(4, num_layers=4)
+    make_abortable(model)
+    abort = threading.Event()
+    trip = model.model.layers[1].register_forward_hook(lambda *a: abort.set())  # after layer 1
+    seq = CachedSequence(model, [5, 6, 7, 8])
+    seq.forward()
+    seq.extend([9, 10])
+    with pytest.raises(Aborted):
+        seq.forward(abort=abort)
+    assert seq.cached == 4 and all(layer.get_seq_length() == 4 for layer in seq.cache.layers)
+    trip.remove()
+    abort.clear()
+    f = seq.forward(keep=2, abort=abort)
+    torch.testing.assert_close(f.logits, full_logits(model, seq.ids)[-2:], atol=1e-4, rtol=1e-4)
+    seq.extend([11])
+    abort.set()  # set before the pass: nothing runs
+    with pytest.raises(Aborted):
+        seq.forward(abort=abort)
+    assert seq.cached == 6 and seq.cache.get_seq_length() == 6

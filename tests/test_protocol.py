@@ -169,3 +169,34 @@ def assert_refused(s: Stream, messages: list, fragment: str) -> None:
             s.recv()
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in e.value.details()
+
+
+def test_rollback_aborts_the_stale_draft_step(tiny_target):
+    """A rollback that lands while the draft computes a token of the old window stops that
+    forward at its next layer: no proposal of the old window follows the rollback."""
+    import time
+
+    from pearl.cluster import Cluster
+    from specdec.models import noisy_copy
+
+    slow = noisy_copy(tiny_target, 3, 0.05)
+    slow.model.model.layers[0].register_forward_hook(lambda *a: time.sleep(0.3))
+    c = Cluster(slow, tiny_target)
+    try:
+        L = len(PROMPT)
+        ref = greedy_reference(slow, PROMPT, 2)
+        s = draft_stream(c)
+        s.send(pb.DraftRequest(start=pb.DraftStart(prompt_ids=PROMPT, window_id=1,
+                                                   draft_until=L + 50)))
+        first = s.recv().proposal
+        time.sleep(0.1)  # the next step is inside its 0.3 s layer now
+        x = (first.token_id + 1) % 512
+        s.send(pb.DraftRequest(rollback=pb.DraftRollback(keep=L, append_ids=[x], window_id=2,
+                                                         draft_until=L + 3)))
+        props = [s.recv().proposal for _ in range(2)]
+        assert [(p.position, p.window_id) for p in props] == [(L + 1, 2), (L + 2, 2)]
+        assert [p.token_id for p in props] == greedy_reference(slow, PROMPT + [x], 2)
+        assert c.draft.aborted == 1 and first.token_id == ref[0]
+        s.close()
+    finally:
+        c.close()
