@@ -227,7 +227,7 @@ def bench(a) -> int:
     matplotlib.use("Agg")
     from tqdm import tqdm
 
-    from pearl.bench_local import ALL_CPUS, Local, load_pair, measure_times
+    from pearl.bench_local import ALL_CPUS, Local, load_pair, measure_times, prefill_times
     from pearl.cluster import Cluster
     from pearl.client import Client
     from pearl.procs import running
@@ -302,6 +302,8 @@ def bench(a) -> int:
                     bar.update()
             bar.close()
             timing = measure_times(draft.model, target.model, prompts[0]["ids"])
+            timing["t_prefill"] = prefill_times(target.model, [p["ids"] for p in prompts],
+                                                contended_by=draft.model)
         finally:
             if client:
                 client.close()
@@ -323,14 +325,27 @@ def bench(a) -> int:
         r["first_difference"] = (None if ref_run is None else
                                  first_difference(r["token_ids"], ref[(r["set"], r["prompt"])]))
 
+    # greedy outputs that differ from the reference: the target's logit margin there
+    for r in records:
+        d = r["first_difference"]
+        if d is not None and d < min(len(r["token_ids"]), len(ref[(r["set"], r["prompt"])])):
+            prompt_ids = next(p["ids"] for p in prompts
+                              if (p["set"], p["index"]) == (r["set"], r["prompt"]))
+            r["divergence"] = local.margin(prompt_ids, r["token_ids"][:d],
+                                           ref[(r["set"], r["prompt"])][d], r["token_ids"][d])
+
     # per-prompt agreement of the draft with the reference tokens (the ceiling's alpha)
-    agree = total = 0
+    agreement: dict[str, list[int]] = {}
     for p in prompts:
         if ref_run is None:
             break
         x, n = local.agreement(p["ids"], ref[(p["set"], p["index"])])
-        agree, total = agree + x, total + n
-    alpha = agree / total if total else None
+        for key in (p["set"], "all"):
+            agreement.setdefault(key, [0, 0])
+            agreement[key][0] += x
+            agreement[key][1] += n
+    alphas = {k: x / n for k, (x, n) in agreement.items() if n}
+    alpha = alphas.get("all")
 
     by_run = {}
     for _, run in runs:
@@ -338,7 +353,8 @@ def bench(a) -> int:
     by_set = {s: {run: aggregate([r for r in records if r["run"] == run and r["set"] == s])
                   for _, run in runs} for s in sorted({p["set"] for p in prompts})}
     rows = summary_rows(contenders, by_run, rss_services, rss_self, a.tiny)
-    ceil = ceiling_report(timing, alpha, by_run, a.gamma)
+    prefill = {(p["set"], p["index"]): t for p, t in zip(prompts, timing["t_prefill"])}
+    ceil = ceiling_report(timing, alphas, by_run, by_set, records, prefill, a.gamma)
 
     print()
     print(f"hardware split: {split}")
@@ -348,6 +364,9 @@ def bench(a) -> int:
     print(overhead_text(by_run))
     print(assisted_text(by_run, records, a.gamma))
     print(ceil["text"])
+    print(divergence_text(records))
+    goals = goals_report(by_run, by_set, ceil["data"])
+    print(goals["text"])
     sweep_rows = None
     if a.sweep:
         sweep_rows = {m: {g: by_run[f"{m}-g{g}"]["tokens_per_s"] for g in SWEEP}
@@ -368,7 +387,8 @@ def bench(a) -> int:
         "records": records, "aggregates": by_run, "aggregates_by_set": by_set, "table": rows,
         "peak_rss_mb": {"services": rss_services, "bench_process": rss_self},
         "rss_at_end_mb": rss_now,
-        "timing": {**timing, "alpha_teacher_forced": alpha}, "ceiling": ceil["data"],
+        "timing": {**timing, "alpha_teacher_forced": alpha, "alpha_by_set": alphas},
+        "ceiling": ceil["data"], "goals": goals["data"],
         "sweep": sweep_rows, "elapsed_s": elapsed,
     }
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
@@ -464,8 +484,11 @@ def assisted_text(by_run: dict, records: list[dict], window: int) -> str:
             "and when a window is cut by max_new_tokens):\n" + "\n".join(lines))
 
 
-def ceiling_report(timing: dict, alpha: float | None, by_run: dict, gamma: int) -> dict:
-    from pearl.ceiling import ar_rate, best_gamma, ceiling, sd_rate
+def ceiling_report(timing: dict, alphas: dict[str, float], by_run: dict, by_set: dict,
+                   records: list[dict], prefill: dict, gamma: int) -> dict:
+    """The analytical ceiling of the pearl schedule per prompt set and overall (pearl/ceiling.py),
+    with the measured prefill of the same prompts, beside pearl's measured rate."""
+    from pearl.ceiling import ar_rate, best_gamma, ceiling, sd_rate, with_prefill
 
     tf, td = timing["t_forward"], timing["t_draft"]
     cond = ("with the other model decoding on the other core (contended)" if timing["contended"]
@@ -473,24 +496,114 @@ def ceiling_report(timing: dict, alpha: float | None, by_run: dict, gamma: int) 
     lines = [f"\nforward times, one thread each, draft CPU {timing['draft_cpu']}, target CPU "
              f"{timing['target_cpu']}, {cond}:",
              f"  t_draft {1e3 * td:.1f} ms; t_forward(m new tokens) ms: "
-             + " ".join(f"{m}:{1e3 * t:.1f}" for m, t in sorted(tf.items()))]
-    data = {"t_draft": td, "t_forward": tf, "alpha": alpha}
-    if alpha is None:
+             + " ".join(f"{m}:{1e3 * t:.1f}" for m, t in sorted(tf.items()))
+             + f"; target prefill of the prompts: mean "
+             f"{1e3 * sum(prefill.values()) / max(1, len(prefill)):.0f} ms"]
+    data: dict = {"t_draft": td, "t_forward": tf, "alpha": alphas.get("all"), "by_set": {}}
+    if not alphas:
         return {"text": "\n".join(lines + ["  (no reference tokens: no ceiling)"]), "data": data}
-    g = best_gamma(td, tf, alpha)
-    best = ceiling(td, tf, alpha, g)
-    data.update(best_gamma=g, ceiling_tokens_per_s=best,
-                ceiling_by_gamma={k: ceiling(td, tf, alpha, k) for k in range(1, max(tf))},
-                model_ar_tokens_per_s=ar_rate(tf),
-                model_sd_tokens_per_s=sd_rate(td, tf, alpha, gamma) if gamma + 1 in tf else None)
-    lines.append(f"  per-token agreement alpha {alpha:.3f} (teacher-forced); model: ar "
-                 f"{ar_rate(tf):.2f} tok/s, sd(g={gamma}) {data['model_sd_tokens_per_s'] or 0:.2f} "
-                 f"tok/s, pearl ceiling {best:.2f} tok/s at gamma {g} (perfect overlap, no "
-                 "overhead; pearl/ceiling.py)")
-    if "pearl" in by_run:
-        got = by_run["pearl"]["tokens_per_s"]
-        data["pearl_fraction_of_ceiling"] = got / best
-        lines.append(f"  pearl measured {got:.2f} tok/s = {100 * got / best:.0f}% of the ceiling")
+    lines.append("  ceiling = the pearl schedule with perfect overlap and no overhead, after the "
+                 "measured prefill of the same prompts (pearl/ceiling.py); models of ar and sd "
+                 f"(g={gamma}) likewise")
+    sets = [k for k in by_set if k in alphas] + ["all"]
+    for name in sets:
+        alpha = alphas[name]
+        recs = [r for r in records if r["run"] == "pearl" and name in ("all", r["set"])]
+        new = sum(r["new_tokens"] for r in recs)
+        pre = sum(prefill[(r["set"], r["prompt"])] for r in recs)
+        g = best_gamma(td, tf, alpha)
+        decode = ceiling(td, tf, alpha, g)
+        d = {"alpha": alpha, "best_gamma": g, "decode_ceiling_tokens_per_s": decode,
+             "prefill_s": pre, "new_tokens": new,
+             "ceiling_tokens_per_s": with_prefill(decode, new, pre) if recs else decode,
+             "model_ar_tokens_per_s": with_prefill(ar_rate(tf), new, pre) if recs else None,
+             "model_sd_tokens_per_s": (with_prefill(sd_rate(td, tf, alpha, gamma), new, pre)
+                                       if recs and gamma + 1 in tf else None)}
+        agg = by_run.get("pearl") if name == "all" else by_set[name].get("pearl")
+        text = (f"  {name:9s} alpha {alpha:.3f} (teacher-forced); model ar "
+                f"{d['model_ar_tokens_per_s'] or 0:.2f}, sd {d['model_sd_tokens_per_s'] or 0:.2f}, "
+                f"pearl ceiling {d['ceiling_tokens_per_s']:.2f} tok/s at gamma {g} "
+                f"(decode alone {decode:.2f})")
+        if d["model_sd_tokens_per_s"]:
+            d["ceiling_over_sd_model"] = d["ceiling_tokens_per_s"] / d["model_sd_tokens_per_s"]
+            text += f"; ceiling / sd model {d['ceiling_over_sd_model']:.2f}"
+        if agg:
+            d["pearl_tokens_per_s"] = agg["tokens_per_s"]
+            d["pearl_fraction_of_ceiling"] = agg["tokens_per_s"] / d["ceiling_tokens_per_s"]
+            text += (f"; pearl measured {agg['tokens_per_s']:.2f} = "
+                     f"{100 * d['pearl_fraction_of_ceiling']:.0f}% of the ceiling")
+        lines.append(text)
+        data["by_set"][name] = d
+    overall = data["by_set"]["all"]
+    data.update({k: overall.get(k) for k in (
+        "best_gamma", "ceiling_tokens_per_s", "model_ar_tokens_per_s", "model_sd_tokens_per_s",
+        "pearl_fraction_of_ceiling")})
+    data["ceiling_by_gamma"] = {k: ceiling(td, tf, overall["alpha"], k) for k in range(1, max(tf))}
+    return {"text": "\n".join(lines), "data": data}
+
+
+def divergence_text(records: list[dict]) -> str:
+    """Where greedy outputs differ from the reference, and the target's logit margin there."""
+    rows = [r for r in records if r.get("divergence")]
+    if not rows:
+        return ""
+    lines = ["\ngreedy outputs that differ from the reference (the target's logits at the first "
+             "differing position, recomputed in this process over the common prefix; a margin "
+             "within 2 units in the last place of the top logit is a near-tie of the dtype):"]
+    for r in rows:
+        v = r["divergence"]
+        lines.append(f"  {r['run']:22s} {r['set']}[{r['prompt']}] new token {r['first_difference']}:"
+                     f" reference {v['reference_id']} logit {v['reference_logit']:.4f}, this run "
+                     f"{v['other_id']} logit {v['other_logit']:.4f}, margin {v['margin']:.4f} "
+                     f"(ulp {v['ulp']:.4f}): {'near-tie' if v['near_tie'] else 'NOT a tie'}")
+    return "\n".join(lines)
+
+
+GOALS = [  # (name, numerator run, denominator run or None, threshold, sense)
+    ("pearl / sd", "pearl", "sd", 1.5),
+    ("pearl / hf-assisted-1t", "pearl", "hf-assisted-1t", 1.3),
+    ("pearl / hf-assisted-all", "pearl", "hf-assisted-all", 1.2),
+]
+
+
+def best_of(aggs: dict, contender: str) -> dict | None:
+    """The aggregate of ``contender``, for hf-assisted the better of its two settings."""
+    if contender in aggs:
+        return aggs[contender]
+    runs = [v for k, v in aggs.items() if k.startswith(contender + ":")]
+    return max(runs, key=lambda v: v["tokens_per_s"]) if runs else None
+
+
+def goals_report(by_run: dict, by_set: dict, ceil: dict) -> dict:
+    """The benchmark issue's speed goals, on HumanEval when it ran (else on all prompts)."""
+    name = "humaneval" if "humaneval" in by_set else "all"
+    aggs = by_set.get(name, by_run)
+    lines = [f"\nspeed goals ({name} prompts; measured side by side in this run):"]
+    data = {"set": name}
+    for label, num, den, goal in GOALS:
+        a, b = best_of(aggs, num), best_of(aggs, den)
+        if not a or not b:
+            continue
+        ratio = a["tokens_per_s"] / b["tokens_per_s"]
+        data[label] = {"value": ratio, "goal": goal, "met": ratio >= goal}
+        lines.append(f"  {label:24s} {ratio:5.2f}  (goal >= {goal}): "
+                     f"{'met' if ratio >= goal else 'NOT met'}")
+    pearl = aggs.get("pearl")
+    if pearl and "overhead_share" in pearl:
+        v = pearl["overhead_share"]
+        data["protocol overhead"] = {"value": v, "goal": 0.03, "met": v < 0.03}
+        lines.append(f"  {'protocol overhead':24s} {100 * v:4.1f}%  (goal < 3% of wall time): "
+                     f"{'met' if v < 0.03 else 'NOT met'}")
+    c = ceil.get("by_set", {}).get(name, {})
+    if c.get("pearl_fraction_of_ceiling") is not None:
+        v = c["pearl_fraction_of_ceiling"]
+        data["fraction of ceiling"] = {"value": v, "goal": 0.85, "met": v >= 0.85}
+        lines.append(f"  {'pearl / ceiling':24s} {v:5.2f}  (goal >= 0.85): "
+                     f"{'met' if v >= 0.85 else 'NOT met'}")
+    if c.get("ceiling_over_sd_model"):
+        lines.append(f"  (on these timings the pearl schedule's ceiling is "
+                     f"{c['ceiling_over_sd_model']:.2f}x the sd model: the most pearl / sd can be "
+                     "here)")
     return {"text": "\n".join(lines), "data": data}
 
 

@@ -10,6 +10,7 @@ threads of the ``-all`` runs are not stuck on the core a ``-1t`` run pinned.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import threading
@@ -135,6 +136,24 @@ class Local:
         return sum(g == t for g, t in zip(guess, target_ids)), len(target_ids)
 
 
+    def margin(self, prompt_ids: list[int], prefix: list[int], reference_id: int,
+               other_id: int) -> dict:
+        """The target's logits of two candidate tokens after ``prompt_ids + prefix`` (one
+        forward in this process, the dtype of the run) and whether their gap is within 2 units in
+        the last place of the larger one: a near-tie, where a different order of the same
+        arithmetic (a KV-cached pass, another window length) may pick either."""
+        seq = torch.tensor([prompt_ids + prefix])
+        with torch.inference_mode():
+            logits = self.target.model(seq, logits_to_keep=1).logits[0, -1]
+        ref, other = float(logits[reference_id]), float(logits[other_id])
+        top = max(abs(ref), abs(other), 1e-30)
+        mantissa = {torch.bfloat16: 7, torch.float16: 10}.get(logits.dtype, 23)
+        ulp = 2.0 ** (math.floor(math.log2(top)) - mantissa)
+        return {"reference_id": reference_id, "other_id": other_id, "reference_logit": ref,
+                "other_logit": other, "margin": ref - other, "ulp": ulp,
+                "near_tie": abs(ref - other) <= 2 * ulp, "dtype": str(logits.dtype)}
+
+
 # -- forward timing for the ceiling ---------------------------------------------------------------
 
 
@@ -184,6 +203,31 @@ class Background:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join(timeout=60)
+
+
+def prefill_times(target, prompts: list[list[int]], contended_by=None) -> list[float]:
+    """Seconds of the target's prefill of each prompt, one thread on its own core (the target
+    service's split), with ``contended_by`` (the draft) decoding on the other core meanwhile."""
+    tcpu, dcpu = ALL_CPUS[-1], ALL_CPUS[0]
+    torch.set_num_threads(1)
+    pin([tcpu])
+    out = []
+
+    def run():
+        _fresh_cache(target, torch.tensor([prompts[0][:8]]))  # warm-up
+        for ids in prompts:
+            t = time.perf_counter()
+            _fresh_cache(target, torch.tensor([ids]))
+            out.append(time.perf_counter() - t)
+
+    if contended_by is not None and len(ALL_CPUS) > 1:
+        with Background(contended_by, torch.tensor([prompts[0]]), dcpu):
+            run()
+    else:
+        run()
+    pin(ALL_CPUS)
+    torch.set_num_threads(len(ALL_CPUS))
+    return out
 
 
 def measure_times(draft, target, prompt_ids: list[int], max_m: int = 9, reps: int = 3,

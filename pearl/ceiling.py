@@ -55,8 +55,12 @@ gamma = 1 (the window holds one token; the bonus follows it and the draft restar
 ``ceiling(..., gamma=None)`` is the best over the window lengths that ``t_forward`` covers.
 
 What the model leaves out (so the ceiling is an upper bound for this schedule): protocol and
-Python overhead, the prefill, the draft's catch-up after a rollback, a draft forward that cannot
-be aborted when its window goes stale, and the end of the request (a trimmed last window).
+Python overhead, the draft's catch-up after a rollback, the part of a stale draft forward that
+runs before its abort lands, and the end of the request (a trimmed last window).
+
+The prefill is not left out of a request's rate: every schedule prefills the prompt on the target
+before its first token, so a request of n new tokens takes at least t_prefill + n / rate
+(``with_prefill``); the bench compares measured rates with ceilings that include it.
 """
 
 from __future__ import annotations
@@ -117,3 +121,11 @@ def best_gamma(t_draft: float, t_forward: dict[int, float], alpha: float) -> int
     """The window length with the highest ceiling among those ``t_forward`` covers."""
     windows = [g for g in range(1, 65) if 2 in t_forward and (g == 1 or g in t_forward)]
     return max(windows, key=lambda g: ceiling(t_draft, t_forward, alpha, g))
+
+
+def with_prefill(rate: float, new_tokens: int, prefill_s: float) -> float:
+    """Tokens/s of requests that prefill for ``prefill_s`` and then decode ``new_tokens`` at
+    ``rate`` (summed over requests: total new tokens, total prefill seconds)."""
+    if new_tokens <= 0:
+        return 0.0
+    return new_tokens / (prefill_s + new_tokens / rate)

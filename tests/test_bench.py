@@ -1,13 +1,14 @@
 """`pearl bench`: the harness on tiny models (not a speed test), and the analytical ceiling."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
 from pearl.bench import CONTENDERS, SERVICE
-from pearl.ceiling import ceiling, expected_committed, sd_rate
+from pearl.ceiling import ceiling, expected_committed, sd_rate, with_prefill
 
 FLAT = {m: 0.2 for m in range(1, 10)}
 
@@ -50,6 +51,33 @@ def test_ceiling_bounds_and_best_window():
         ceiling(0.1, FLAT, 1.5, 2)
 
 
+def test_ceiling_with_prefill_by_hand():
+    # 64 tokens at 8 tok/s after a 2 s prefill: 64 / (2 + 8) = 6.4 tok/s
+    assert with_prefill(8.0, 64, 2.0) == pytest.approx(6.4)
+    assert with_prefill(8.0, 64, 0.0) == pytest.approx(8.0)
+    assert with_prefill(8.0, 0, 2.0) == 0.0
+
+
+def test_margin_names_a_tie_only_within_two_ulps():
+    import torch
+
+    from pearl.bench_local import Local
+    from specdec.models import noisy_copy, tiny_loaded
+
+    target = tiny_loaded(2)
+    local = Local(noisy_copy(target, 7, 0.08), target, 3)
+    prompt = [5, 6, 7, 8]
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([prompt])).logits[0, -1]
+    top2 = logits.topk(2).indices.tolist()
+    m = local.margin(prompt[:2], prompt[2:], top2[0], top2[1])
+    assert m["margin"] == pytest.approx(float(logits[top2[0]] - logits[top2[1]]), abs=1e-4)
+    assert m["ulp"] == 2.0 ** (math.floor(math.log2(abs(float(logits[top2[0]])))) - 23)  # float32
+    assert m["near_tie"] == (abs(m["margin"]) <= 2 * m["ulp"])
+    assert local.margin(prompt, [], top2[0], top2[0])["near_tie"]
+    assert not local.margin(prompt, [], top2[0], int(logits.argmin()))["near_tie"]
+
+
 def test_bench_tiny_run(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -90,3 +118,13 @@ def test_bench_tiny_run(tmp_path):
     assert 0 <= t["alpha_teacher_forced"] <= 1
     assert res["ceiling"]["ceiling_tokens_per_s"] > 0
     assert res["ceiling"]["pearl_fraction_of_ceiling"] > 0
+    assert len(t["t_prefill"]) == 4 and all(x > 0 for x in t["t_prefill"])
+    for name in ("humaneval", "prose", "all"):  # the ceiling includes the prefill
+        c = res["ceiling"]["by_set"][name]
+        assert 0 < c["ceiling_tokens_per_s"] < c["decode_ceiling_tokens_per_s"]
+    goals = res["goals"]
+    assert goals["set"] == "humaneval"
+    for name in ("pearl / sd", "pearl / hf-assisted-1t", "pearl / hf-assisted-all",
+                 "protocol overhead", "fraction of ceiling"):
+        assert goals[name]["value"] > 0 and isinstance(goals[name]["met"], bool), name
+    assert "speed goals" in proc.stdout
