@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from draft_service.replay import ReplaySession
 from specdec.kv import CachedSequence, ProtocolError, check_ids, check_prompt, make_abortable
 from specdec.sampling import DRAFT, Sampling, WireDist, compress, uniform, warp
 
@@ -31,8 +32,13 @@ class DraftSession:
     """
 
     def __init__(self, model: torch.nn.Module, prompt_ids: list[int], window_id: int, goal: int,
-                 max_positions: int, sampling: Sampling = Sampling(), q_tail: float = 1e-4):
+                 max_positions: int, sampling: Sampling = Sampling(), q_tail: float = 1e-4,
+                 replay: ReplaySession | None = None):
         check_prompt(prompt_ids, model.config.vocab_size, max_positions)
+        if replay is not None and not sampling.greedy:
+            raise ProtocolError("start.sampling: this draft replays greedy references "
+                                "(--replay, a benchmarking draft); it does not sample")
+        self.replay = replay
         self.max_positions = max_positions
         self.sampling = sampling
         self.q_tail = q_tail
@@ -86,6 +92,8 @@ class DraftSession:
         q = None
         if self.sampling.greedy:  # q is one-hot: the id alone says it
             token = int(f.logits[-1].argmax())
+            if self.replay is not None:
+                token = self.replay.token(self.seq.ids, token)
         else:  # draw from the very distribution that will cross the wire
             q = compress(warp(f.logits[-1], self.sampling), self.q_tail)
             token = q.sample(uniform(self.sampling.seed, position, DRAFT))

@@ -7,6 +7,7 @@ import threading
 import grpc
 
 from draft_service.drafter import DraftSession, Proposal, ProtocolError
+from draft_service.replay import Replay
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
 from specdec.kv import Aborted
 from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, idle_get
@@ -29,9 +30,10 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
     telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
     idle_s = DEFAULT_IDLE_S  # a session that hears nothing this long is closed (0: never)
 
-    def __init__(self, loaded, q_tail: float = 1e-4):
+    def __init__(self, loaded, q_tail: float = 1e-4, replay: Replay | None = None):
         self.loaded = loaded
         self.q_tail = q_tail
+        self.replay = replay  # a benchmarking draft (draft_service/replay.py), normally None
         self.runner = ModelRunner("draft")
         self.live = 0
         self.aborted = 0  # draft forwards stopped early because their token went stale
@@ -109,8 +111,10 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
             except ValueError as e:
                 raise ProtocolError(f"start.sampling: {e}") from None
             max_pos = self.loaded.model.config.max_position_embeddings
-            return DraftSession(self.loaded.model, list(s.prompt_ids), s.window_id,
-                                s.draft_until, max_pos, sampling, self.q_tail)
+            prompt = list(s.prompt_ids)
+            replay = self.replay.session(prompt) if self.replay is not None else None
+            return DraftSession(self.loaded.model, prompt, s.window_id, s.draft_until, max_pos,
+                                sampling, self.q_tail, replay)
         if session is None:
             raise ProtocolError(f"{kind} before start")
         if kind == "extend":
@@ -125,12 +129,14 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
 
 async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4,
                 tls: ServerTLS | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                idle_s: float = DEFAULT_IDLE_S) -> tuple[Server, DraftServicer]:
-    servicer = DraftServicer(loaded, q_tail)
+                idle_s: float = DEFAULT_IDLE_S, replay: Replay | None = None
+                ) -> tuple[Server, DraftServicer]:
+    servicer = DraftServicer(loaded, q_tail, replay)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
                     label="draft service", max_sessions=max_sessions)
     pearl_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.grpc)
     await server.start(port, host, tls.credentials() if tls else None)
-    log.info("draft service on port %d (%s)", server.port, loaded.name)
+    log.info("draft service on port %d (%s%s)", server.port, loaded.name,
+             f"; replaying {replay.path} at acceptance {replay.acceptance}" if replay else "")
     return server, servicer

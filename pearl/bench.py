@@ -59,6 +59,13 @@ def add_bench(sub) -> None:
     p.add_argument("--out", default="bench-out", help="folder for results.json and chart.png")
     p.add_argument("--tiny", action="store_true",
                    help="tiny random models built in code, services in this process (CI)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: every service and the in-process contenders on the one GPU "
+                        "(the -1t contenders are CPU-only and skipped)")
+    p.add_argument("--replay-acceptance", type=float, default=None,
+                   help="benchmarking draft (models with random weights, e.g. random:qwen2.5-7b):"
+                        " the draft proposes the target's own greedy token with this probability "
+                        "(draft_service/replay.py); times the schedule, not a real pair")
     p.set_defaults(fn=cmd_bench)
 
 
@@ -238,6 +245,10 @@ def bench(a) -> int:
         print(f"pearl bench: unknown contenders {unknown}; choose from {','.join(CONTENDERS)}",
               file=sys.stderr)
         return 2
+    gpu = a.device == "cuda"
+    if gpu:  # one thread or all cores means nothing to a GPU run
+        contenders = [c for c in contenders if not c.endswith("-1t")]
+    base = baseline(contenders)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -249,23 +260,46 @@ def bench(a) -> int:
     if a.tiny:
         split = ("--tiny: all three services and the local contenders in this process, no "
                  "pinning (a harness check, not a measurement)")
+    elif gpu:
+        split = ("draft, target and coordinator services as separate processes sharing the one "
+                 "GPU; hf-assisted-all / ar-local-all in the bench process on the same GPU")
     else:
         split = (f"draft service: CPU {dcpu}, 1 thread; target service: CPU {tcpu}, 1 thread; "
                  f"coordinator: unpinned; hf-assisted-1t / ar-local-1t: CPU {tcpu}, 1 thread "
                  f"(both models of hf-assisted on it); hf-assisted-all / ar-local-all: CPUs "
                  f"{','.join(map(str, ALL_CPUS))}, {len(ALL_CPUS)} threads")
+    replay = a.replay_acceptance is not None
+    if replay:
+        split += (f"; the draft replays the target's greedy tokens with probability "
+                  f"{a.replay_acceptance} (draft_service/replay.py: timing of the schedule and "
+                  "the protocol, not real-model acceptance)")
     print(f"pearl bench: draft {draft_name}, target {target_name}, {dtype}, "
-          f"{len(ALL_CPUS)} CPUs, greedy\nhardware split: {split}", flush=True)
+          f"{len(ALL_CPUS)} CPUs{', ' + gpu_name() if gpu else ''}, greedy\n"
+          f"hardware split: {split}", flush=True)
 
     rss_services: dict[str, float | None] = {}
     with running() as svcs:
         cluster = None
-        if use_services and not a.tiny:
-            common = ["--device", "cpu", "--dtype", a.dtype, "--threads", "1"]
-            svcs.start("draft", ["--model", a.draft_model, *common], cpus=str(dcpu))
-            svcs.start("target", ["--model", a.target_model, *common], cpus=str(tcpu))
-        draft, target = load_pair(a.draft_model, a.target_model, a.dtype, a.tiny)
+
+        def start_models(extra_draft: list[str]) -> None:
+            common = ["--device", a.device, "--dtype", a.dtype]
+            if not gpu:
+                common += ["--threads", "1"]
+            svcs.start("draft", ["--model", a.draft_model, *common, *extra_draft],
+                       cpus=None if gpu else str(dcpu))
+            svcs.start("target", ["--model", a.target_model, *common],
+                       cpus=None if gpu else str(tcpu))
+
+        services_out = use_services and not a.tiny
+        if services_out and not replay:  # load in parallel with the in-process pair
+            start_models([])
+        draft, target = load_pair(a.draft_model, a.target_model, a.dtype, a.tiny, a.device)
         local = Local(draft, target, a.gamma)
+        prompts = load_prompts(a.set, a.prompts, target.tokenizer, a.tiny)
+        if services_out and replay:  # the draft needs the target's continuations first
+            path = write_references(local, prompts, a.max_new_tokens, out_dir / "replay.jsonl")
+            start_models(["--replay", str(path), "--replay-acceptance",
+                          str(a.replay_acceptance)])
         address = None
         if use_services:
             if a.tiny:
@@ -276,7 +310,6 @@ def bench(a) -> int:
                 svcs.start("coordinator", ["--draft", d, "--target", t, "--gamma", str(a.gamma)])
                 address = svcs.wait("coordinator", 120)
         print(f"ready in {time.monotonic() - t_start:.0f} s", flush=True)
-        prompts = load_prompts(a.set, a.prompts, target.tokenizer, a.tiny)
         runs = expand(contenders, a.sweep)
         client = Client(address) if address else None
 
@@ -301,9 +334,10 @@ def bench(a) -> int:
                     records.append(rec)
                     bar.update()
             bar.close()
-            timing = measure_times(draft.model, target.model, prompts[0]["ids"])
+            timing = measure_times(draft.model, target.model, prompts[0]["ids"],
+                                   contended=not gpu)
             timing["t_prefill"] = prefill_times(target.model, [p["ids"] for p in prompts],
-                                                contended_by=draft.model)
+                                                contended_by=None if gpu else draft.model)
         finally:
             if client:
                 client.close()
@@ -317,7 +351,7 @@ def bench(a) -> int:
     rss_now["bench"] = rss_mb(os.getpid())
 
     # identical tokens, against ar-local-1t (or ar when it did not run)
-    ref_run = BASELINE if BASELINE in contenders else ("ar" if "ar" in contenders else None)
+    ref_run = base if base in contenders else ("ar" if "ar" in contenders else None)
     ref = {(r["set"], r["prompt"]): r["token_ids"] for r in records if r["run"] == ref_run}
     for r in records:
         same = None if ref_run is None else r["token_ids"] == ref[(r["set"], r["prompt"])]
@@ -345,6 +379,8 @@ def bench(a) -> int:
             agreement[key][0] += x
             agreement[key][1] += n
     alphas = {k: x / n for k, (x, n) in agreement.items() if n}
+    if replay:  # the draft that ran is the replaying one, not the model in this process
+        alphas = {k: a.replay_acceptance for k in alphas}
     alpha = alphas.get("all")
 
     by_run = {}
@@ -352,13 +388,13 @@ def bench(a) -> int:
         by_run[run] = aggregate([r for r in records if r["run"] == run])
     by_set = {s: {run: aggregate([r for r in records if r["run"] == run and r["set"] == s])
                   for _, run in runs} for s in sorted({p["set"] for p in prompts})}
-    rows = summary_rows(contenders, by_run, rss_services, rss_self, a.tiny)
+    rows = summary_rows(contenders, by_run, rss_services, rss_self, a.tiny, base)
     prefill = {(p["set"], p["index"]): t for p, t in zip(prompts, timing["t_prefill"])}
     ceil = ceiling_report(timing, alphas, by_run, by_set, records, prefill, a.gamma)
 
     print()
     print(f"hardware split: {split}")
-    print(render_table(rows, ref_run))
+    print(render_table(rows, ref_run, base))
     print("peak RSS = VmHWM of each process (includes the model-loading peak); RSS at the end, "
           "MB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss_now.items() if v is not None))
     print(overhead_text(by_run))
@@ -382,6 +418,8 @@ def bench(a) -> int:
         "config": {"draft_model": draft_name, "target_model": target_name, "dtype": dtype,
                    "prompts_per_set": a.prompts, "set": a.set, "max_new_tokens": a.max_new_tokens,
                    "gamma": a.gamma, "sweep": a.sweep, "tiny": a.tiny, "cpus": ALL_CPUS,
+                   "device": a.device, "gpu": gpu_name() if gpu else None,
+                   "replay_acceptance": a.replay_acceptance, "baseline": base,
                    "hardware_split": split, "contenders": contenders, "reference": ref_run},
         "definitions": DEFINITIONS,
         "records": records, "aggregates": by_run, "aggregates_by_set": by_set, "table": rows,
@@ -400,7 +438,8 @@ def bench(a) -> int:
 
 DEFINITIONS = {
     "tokens_per_s": "new tokens / client-observed wall time, summed over prompts",
-    "speedup": f"tokens_per_s / tokens_per_s of {BASELINE}",
+    "speedup": "tokens_per_s / tokens_per_s of the baseline (config.baseline: ar-local-1t on a "
+               "CPU, ar-local-all where the -1t runs are skipped, as on a GPU)",
     "overhead_s": "per request, time in which neither model computes: coordinator wall_s - "
                   "busy_union, busy_union = (wall_s - target_idle_s) + (wall_s - draft_idle_s) "
                   "- both_busy_s (busy intervals as the services report their forward times); "
@@ -415,10 +454,32 @@ DEFINITIONS = {
 }
 
 
-def summary_rows(contenders, by_run, rss_services, rss_self, tiny) -> list[dict]:
+def baseline(contenders: list[str]) -> str:
+    """What speedups divide by: plain generation of the target with one thread (CPU), or with
+    the whole machine where that is all that ran (GPU)."""
+    return next((c for c in ("ar-local-1t", "ar-local-all", "ar") if c in contenders), BASELINE)
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+
+
+def write_references(local, prompts: list[dict], new_tokens: int, path: Path) -> Path:
+    """The target's own greedy continuation of every prompt (in this process), one JSON list of
+    prompt + continuation per line: what a replaying draft proposes (draft_service/replay.py)."""
+    with path.open("w") as f:
+        for p in prompts:
+            r = local.run(p["ids"], new_tokens + 16, "all")
+            f.write(json.dumps(p["ids"] + r.token_ids) + "\n")
+    return path
+
+
+def summary_rows(contenders, by_run, rss_services, rss_self, tiny, baseline_run) -> list[dict]:
     svc_rss = " + ".join(f"{rss_services[r]:.0f} {r[0]}" for r in ("draft", "target", "coordinator")
                          if rss_services.get(r))
-    base = by_run.get(BASELINE, {}).get("tokens_per_s")
+    base = by_run.get(baseline_run, {}).get("tokens_per_s")
     rows = []
     for c in contenders:
         if c.startswith("hf-assisted"):
@@ -443,12 +504,12 @@ TABLE = [
 ]
 
 
-def render_table(rows: list[dict], ref_run: str | None) -> str:
+def render_table(rows: list[dict], ref_run: str | None, base: str = BASELINE) -> str:
     from pearl.report import table
 
     for r in rows:
         r["identical_text"] = "-" if ref_run is None else ("yes" if r["identical"] else "NO")
-    return (f"(speedup over {BASELINE}; identical: tokens equal to {ref_run}'s on every prompt; "
+    return (f"(speedup over {base}; identical: tokens equal to {ref_run}'s on every prompt; "
             "idle = fraction of coordinator wall time)\n" + table(rows, TABLE))
 
 
@@ -548,14 +609,16 @@ def divergence_text(records: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["\ngreedy outputs that differ from the reference (the target's logits at the first "
-             "differing position, recomputed in this process over the common prefix; a margin "
-             "within 2 units in the last place of the top logit is a near-tie of the dtype):"]
+             "differing position, recomputed in this process over the common prefix; noise = "
+             "the largest logit difference between a full pass and a KV-cached step there; a "
+             "margin within twice the noise is a near-tie of the dtype):"]
     for r in rows:
         v = r["divergence"]
         lines.append(f"  {r['run']:22s} {r['set']}[{r['prompt']}] new token {r['first_difference']}:"
                      f" reference {v['reference_id']} logit {v['reference_logit']:.4f}, this run "
                      f"{v['other_id']} logit {v['other_logit']:.4f}, margin {v['margin']:.4f} "
-                     f"(ulp {v['ulp']:.4f}): {'near-tie' if v['near_tie'] else 'NOT a tie'}")
+                     f"(cached step {v['cached_margin']:.4f}, noise {v['noise']:.4f}, ulp "
+                     f"{v['ulp']:.4f}): {'near-tie' if v['near_tie'] else 'NOT a tie'}")
     return "\n".join(lines)
 
 

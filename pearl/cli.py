@@ -65,6 +65,11 @@ def add_serve(sub) -> None:
                         "trained or shipped file if there is one, 'none' serves without")
     p.add_argument("--tree-nodes", type=int, default=int(env("TREE_NODES", 4)),
                    help="target: candidate nodes per Hidden Transfer tree")
+    p.add_argument("--replay", default=env("REPLAY"),
+                   help="draft, benchmarking only: propose the target's greedy tokens from this "
+                        "file of references (JSON lists, one per line) with probability "
+                        "--replay-acceptance (draft_service/replay.py)")
+    p.add_argument("--replay-acceptance", type=float, default=float(env("REPLAY_ACCEPTANCE", 0.8)))
     add_serve_flags(p)  # TLS, auth token, session and request bounds (pearl/guard_flags.py)
     p.set_defaults(fn=cmd_serve)
 
@@ -88,8 +93,10 @@ def cmd_serve(a) -> None:
 
     async def main() -> None:
         if a.role == "draft":
+            from draft_service.replay import Replay
             from draft_service.server import serve
-            server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a))
+            replay = Replay(a.replay, a.replay_acceptance) if a.replay else None
+            server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a), replay=replay)
         elif a.role == "target":
             from target_service.server import serve
             server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a),

@@ -78,6 +78,60 @@ def set_threads(threads: int | None) -> None:
         pass
 
 
+RANDOM = "random:"  # model names `random:<shape>`: random weights in a real model's shape
+# The shapes of real models (their config.json), for timing runs on machines that cannot hold the
+# real weights (DESIGN.md section 8). One vocabulary, the Qwen2.5 tokenizer's embedding size
+# (the 7B and 14B pad theirs to 152,064), so that any two make a draft/target pair.
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                        num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
+def random_model(name: str, dev: torch.device, dt: torch.dtype, seed: int = 0) -> LoadedModel:
+    """``random:<shape>``: a Qwen2 of that shape with random weights fixed by ``seed`` (the same
+    in every process on the same device) and no end-of-sequence token. Its tokenizer is the
+    Qwen2.5 one: ``$PEARL_RANDOM_TOKENIZER`` (a folder) or the registry draft's.
+
+    The weights are random but *decisive*: the layers' output projections are scaled down and the
+    LM head is tied to the embeddings, so the residual stream keeps the token's own embedding and
+    greedy decoding picks it again with a margin far above rounding. Plain random weights give
+    near-flat logits whose argmax flips between code paths (a window of 4 tokens against one at a
+    time, in bfloat16); then the services and the references disagree and a replaying draft
+    (draft_service/replay.py) cannot supply the acceptance asked of it. Forward times do not
+    depend on the values of the weights.
+    """
+    import os
+
+    shape = name.removeprefix(RANDOM)
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r} in {name!r}; known: {sorted(SHAPES)}")
+    config = Qwen2Config(vocab_size=151_936, max_position_embeddings=32_768, rope_theta=1e6,
+                         rms_norm_eps=1e-6, use_sliding_window=False, bos_token_id=None,
+                         eos_token_id=None, pad_token_id=None, attn_implementation="sdpa",
+                         **SHAPES[shape])
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    with dev:
+        model = AutoModelForCausalLM.from_config(config, dtype=dt).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.05)
+            layer.mlp.down_proj.weight.mul_(0.05)
+    gc = model.generation_config
+    gc.bos_token_id = gc.eos_token_id = gc.pad_token_id = None
+    folder = os.environ.get("PEARL_RANDOM_TOKENIZER") or model_store.resolve(
+        "qwen2.5-coder-0.5b-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=dev, dtype=dt)
+
+
 def load_model(
     name: str,
     device: str = "cpu",
@@ -85,9 +139,12 @@ def load_model(
     threads: int | None = None,
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Load `name` (registry model, local folder or Hugging Face id) in eval mode on `device`."""
+    """Load `name` (registry model, local folder, Hugging Face id, or `random:<shape>`) in eval
+    mode on `device`."""
     dev, dt = parse_device(device), parse_dtype(dtype)
     set_threads(threads)
+    if name.startswith(RANDOM):
+        return random_model(name, dev, dt)
     path = model_store.resolve(name, cache_dir=cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     model = model.to(dev).eval()

@@ -73,7 +73,8 @@ def test_margin_names_a_tie_only_within_two_ulps():
     m = local.margin(prompt[:2], prompt[2:], top2[0], top2[1])
     assert m["margin"] == pytest.approx(float(logits[top2[0]] - logits[top2[1]]), abs=1e-4)
     assert m["ulp"] == 2.0 ** (math.floor(math.log2(abs(float(logits[top2[0]])))) - 23)  # float32
-    assert m["near_tie"] == (abs(m["margin"]) <= 2 * m["ulp"])
+    assert 0 <= m["noise"] < 1e-3  # float32: a full pass and a cached step agree closely
+    assert m["near_tie"] == (abs(m["margin"]) <= max(2 * m["ulp"], 2 * m["noise"]))
     assert local.margin(prompt, [], top2[0], top2[0])["near_tie"]
     assert not local.margin(prompt, [], top2[0], int(logits.argmin()))["near_tie"]
 
