@@ -282,9 +282,9 @@ def bench(a) -> int:
         cluster = None
 
         def start_models(extra_draft: list[str]) -> None:
-            common = ["--device", a.device, "--dtype", a.dtype]
-            if not gpu:
-                common += ["--threads", "1"]
+            # one torch thread each: on a GPU too, where more only spin against the other
+            # processes' launch threads
+            common = ["--device", a.device, "--dtype", a.dtype, "--threads", "1"]
             svcs.start("draft", ["--model", a.draft_model, *common, *extra_draft],
                        cpus=None if gpu else str(dcpu))
             svcs.start("target", ["--model", a.target_model, *common],
@@ -319,8 +319,11 @@ def bench(a) -> int:
             return service_run(client, run, ids, m, a.gamma)
 
         try:
-            for _, run in runs:  # warm-up: first-call costs, not recorded
-                one(run, prompts[0]["ids"], min(4, a.max_new_tokens))
+            # warm-up, not recorded: first-call costs; on a GPU a whole request, since every new
+            # shape (window length, cache length) costs a kernel choice the first time
+            warm = a.max_new_tokens if gpu else min(4, a.max_new_tokens)
+            for _, run in runs:
+                one(run, prompts[0]["ids"], warm)
             records = []
             bar = tqdm(total=len(prompts) * len(runs), desc="bench", unit="run", file=sys.stderr)
             for pi, p in enumerate(prompts):
@@ -336,6 +339,7 @@ def bench(a) -> int:
             bar.close()
             timing = measure_times(draft.model, target.model, prompts[0]["ids"],
                                    contended=not gpu)
+            timing["device"] = a.device
             timing["t_prefill"] = prefill_times(target.model, [p["ids"] for p in prompts],
                                                 contended_by=None if gpu else draft.model)
         finally:
@@ -554,8 +558,10 @@ def ceiling_report(timing: dict, alphas: dict[str, float], by_run: dict, by_set:
     tf, td = timing["t_forward"], timing["t_draft"]
     cond = ("with the other model decoding on the other core (contended)" if timing["contended"]
             else "with the other core idle (uncontended)")
-    lines = [f"\nforward times, one thread each, draft CPU {timing['draft_cpu']}, target CPU "
-             f"{timing['target_cpu']}, {cond}:",
+    where = (f"one thread each, draft CPU {timing['draft_cpu']}, target CPU "
+             f"{timing['target_cpu']}, {cond}" if timing.get("device", "cpu") == "cpu"
+             else "on the GPU, one model at a time (uncontended)")
+    lines = [f"\nforward times, {where}:",
              f"  t_draft {1e3 * td:.1f} ms; t_forward(m new tokens) ms: "
              + " ".join(f"{m}:{1e3 * t:.1f}" for m, t in sorted(tf.items()))
              + f"; target prefill of the prompts: mean "

@@ -99,9 +99,9 @@ def random_model(name: str, dev: torch.device, dt: torch.dtype, seed: int = 0) -
     in every process on the same device) and no end-of-sequence token. Its tokenizer is the
     Qwen2.5 one: ``$PEARL_RANDOM_TOKENIZER`` (a folder) or the registry draft's.
 
-    The weights are random but *decisive*: the layers' output projections are scaled down and the
-    LM head is tied to the embeddings, so the residual stream keeps the token's own embedding and
-    greedy decoding picks it again with a margin far above rounding. Plain random weights give
+    The weights are random but *decisive*: the embeddings are scaled up, the layers' output
+    projections down, and the LM head is tied to the embeddings, so the residual stream keeps the
+    token's own embedding and greedy decoding picks it again with a margin far above rounding. Plain random weights give
     near-flat logits whose argmax flips between code paths (a window of 4 tokens against one at a
     time, in bfloat16); then the services and the references disagree and a replaying draft
     (draft_service/replay.py) cannot supply the acceptance asked of it. Forward times do not
@@ -121,6 +121,7 @@ def random_model(name: str, dev: torch.device, dt: torch.dtype, seed: int = 0) -
     with dev:
         model = AutoModelForCausalLM.from_config(config, dtype=dt).eval()
     with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)  # pre-norm layers' outputs do not grow with it
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.mul_(0.05)
             layer.mlp.down_proj.weight.mul_(0.05)
