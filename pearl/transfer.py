@@ -20,7 +20,8 @@ def add_transfer(sub) -> None:
     p.add_argument("action", choices=["train", "show", "sweep"])
     p.add_argument("--model", default=DEFAULT_TARGET)
     p.add_argument("--layer", type=int, default=None,
-                   help="decoder layer whose input the maps read (default: 3/4 of the depth)")
+                   help="decoder layer whose input the maps read (default: half the depth; "
+                        "docs/hidden-transfer.md: the sweep)")
     p.add_argument("--k", type=int, default=3, help="future positions drafted per forward")
     p.add_argument("--rank", type=int, default=128, help="rank of each transfer map")
     p.add_argument("--prompts", type=int, default=64, help="training prompts (HumanEval 40..)")
@@ -63,7 +64,7 @@ def cmd_transfer(a) -> None:
 
     t0 = time.monotonic()
     loaded = load_model(a.model, device=a.device, dtype=a.dtype, threads=a.threads)
-    layer = a.layer if a.layer is not None else loaded.model.config.num_hidden_layers * 3 // 4
+    layer = a.layer if a.layer is not None else loaded.model.config.num_hidden_layers // 2
     first, last = FIRST_TRAIN_PROMPT, FIRST_TRAIN_PROMPT + a.prompts
     prompts = [loaded.tokenizer.encode(humaneval_prompt(i)) for i in range(first, last)]
     corpus = default_path(a.model).with_suffix(f".corpus-{first}-{last}-{a.new_tokens}.json")
