@@ -115,10 +115,11 @@ class Schedule:
             detail = ev.error.details() if ev.error is not None else "closed by the service"
             raise ServiceLost(ev.source, detail, ev.error.code() if ev.error is not None else None)
         if ev.source == "draft":
-            self.rec.draft_forward(ev.arrived_ns, ev.msg.forward_ns)
+            self.rec.draft_forward(ev.arrived_ns, ev.msg.forward_ns, ev.msg.input_tokens)
             self.timing.draft(ev.msg.forward_ns, ev.msg.input_tokens)
         elif ev.msg.input_tokens:  # a held verdict ran no forward pass
-            self.rec.target_forward(ev.arrived_ns, ev.msg.forward_ns)
+            self.rec.target_forward(ev.arrived_ns, ev.msg.forward_ns, ev.msg.input_tokens,
+                                    prefill=ev.msg.phase == "start")
             if ev.msg.phase not in ("start", "ht"):  # pearl's gamma: draft-verify windows only
                 self.timing.verify(ev.msg.forward_ns)
         return ev

@@ -128,7 +128,8 @@ def service_run(client, run: str, ids: list[int], m: int, gamma: int) -> dict:
         **{k: s.get(k) for k in (
             "acceptance_rate", "mean_accepted_tokens", "target_forwards", "draft_forwards",
             "draft_tokens", "accepted_tokens", "both_busy_s", "target_idle_s", "draft_idle_s",
-            "overlap_ratio", "gamma_history", "draft_length_histogram", "finish_reason")},
+            "overlap_ratio", "gamma_history", "draft_length_histogram", "finish_reason",
+            "prefill_s", "target_forward_times", "draft_forward_times")},
         "overhead_s": overhead, "overhead_per_round_ms": 1e3 * overhead / rounds,
         "overhead_share": overhead / cw if cw else 0.0,
     }
@@ -234,7 +235,7 @@ def bench(a) -> int:
     matplotlib.use("Agg")
     from tqdm import tqdm
 
-    from pearl.bench_local import ALL_CPUS, Local, load_pair, measure_times, prefill_times
+    from pearl.bench_local import ALL_CPUS, Local, load_pair
     from pearl.cluster import Cluster
     from pearl.client import Client
     from pearl.procs import running
@@ -337,11 +338,6 @@ def bench(a) -> int:
                     records.append(rec)
                     bar.update()
             bar.close()
-            timing = measure_times(draft.model, target.model, prompts[0]["ids"],
-                                   contended=not gpu)
-            timing["device"] = a.device
-            timing["t_prefill"] = prefill_times(target.model, [p["ids"] for p in prompts],
-                                                contended_by=None if gpu else draft.model)
         finally:
             if client:
                 client.close()
@@ -393,8 +389,11 @@ def bench(a) -> int:
     by_set = {s: {run: aggregate([r for r in records if r["run"] == run and r["set"] == s])
                   for _, run in runs} for s in sorted({p["set"] for p in prompts})}
     rows = summary_rows(contenders, by_run, rss_services, rss_self, a.tiny, base)
-    prefill = {(p["set"], p["index"]): t for p, t in zip(prompts, timing["t_prefill"])}
-    ceil = ceiling_report(timing, alphas, by_run, by_set, records, prefill, a.gamma)
+    # forward times per schedule, the fixed-gamma runs of a sweep pooled with the adaptive one
+    same = lambda r, m: r["run"] == m or r["run"].startswith(m + "-g")  # noqa: E731
+    timing = {m: service_times([r for r in records if same(r, m)])
+              for m in ("ar", "sd", "pearl") if any(same(r, m) for r in records)}
+    ceil = ceiling_report(timing, alphas, by_run, by_set, records, a.gamma)
 
     print()
     print(f"hardware split: {split}")
@@ -429,7 +428,7 @@ def bench(a) -> int:
         "records": records, "aggregates": by_run, "aggregates_by_set": by_set, "table": rows,
         "peak_rss_mb": {"services": rss_services, "bench_process": rss_self},
         "rss_at_end_mb": rss_now,
-        "timing": {**timing, "alpha_teacher_forced": alpha, "alpha_by_set": alphas},
+        "timing": {"by_run": timing, "alpha_teacher_forced": alpha, "alpha_by_set": alphas},
         "ceiling": ceil["data"], "goals": goals["data"],
         "sweep": sweep_rows, "elapsed_s": elapsed,
     }
@@ -549,43 +548,77 @@ def assisted_text(by_run: dict, records: list[dict], window: int) -> str:
             "and when a window is cut by max_new_tokens):\n" + "\n".join(lines))
 
 
+def service_times(recs: list[dict], min_count: int = 3) -> dict:
+    """Mean forward times of one contender's requests, as its services measured them while they
+    ran: t_draft (a draft step feeding one token), t_forward[m] (a target forward feeding m
+    tokens; gaps between measured m filled linearly) and each prompt's prefill."""
+    def pooled(name: str) -> dict[int, float]:
+        cells: dict[int, list[float]] = {}
+        for r in recs:
+            for m, c in (r.get(name) or {}).items():
+                cell = cells.setdefault(int(m), [0, 0.0])
+                cell[0] += c["count"]
+                cell[1] += c["seconds"]
+        return {m: sec / n for m, (n, sec) in sorted(cells.items()) if n >= min_count}
+
+    tf = {m: t for m, t in pooled("target_forward_times").items() if m <= 16}
+    for m in range(min(tf, default=0), max(tf, default=0)):  # interior gaps
+        if m not in tf:
+            lo, hi = max(k for k in tf if k < m), min(k for k in tf if k > m)
+            tf[m] = tf[lo] + (tf[hi] - tf[lo]) * (m - lo) / (hi - lo)
+    return {"t_draft": pooled("draft_forward_times").get(1), "t_forward": dict(sorted(tf.items())),
+            "prefill_s": {f"{r['set']}[{r['prompt']}]": r.get("prefill_s") or 0.0 for r in recs}}
+
+
 def ceiling_report(timing: dict, alphas: dict[str, float], by_run: dict, by_set: dict,
-                   records: list[dict], prefill: dict, gamma: int) -> dict:
-    """The analytical ceiling of the pearl schedule per prompt set and overall (pearl/ceiling.py),
-    with the measured prefill of the same prompts, beside pearl's measured rate."""
+                   records: list[dict], gamma: int) -> dict:
+    """The analytical ceiling of the pearl schedule per prompt set and overall (pearl/ceiling.py)
+    from the forward times the services measured during the pearl requests themselves (the
+    same contention, the same moment), after those requests' own prefill; beside the models of
+    ar and sd on their own requests' times, and pearl's measured rate."""
     from pearl.ceiling import ar_rate, best_gamma, ceiling, sd_rate, with_prefill
 
-    tf, td = timing["t_forward"], timing["t_draft"]
-    cond = ("with the other model decoding on the other core (contended)" if timing["contended"]
-            else "with the other core idle (uncontended)")
-    where = (f"one thread each, draft CPU {timing['draft_cpu']}, target CPU "
-             f"{timing['target_cpu']}, {cond}" if timing.get("device", "cpu") == "cpu"
-             else "on the GPU, one model at a time (uncontended)")
-    lines = [f"\nforward times, {where}:",
-             f"  t_draft {1e3 * td:.1f} ms; t_forward(m new tokens) ms: "
-             + " ".join(f"{m}:{1e3 * t:.1f}" for m, t in sorted(tf.items()))
-             + f"; target prefill of the prompts: mean "
-             f"{1e3 * sum(prefill.values()) / max(1, len(prefill)):.0f} ms"]
-    data: dict = {"t_draft": td, "t_forward": tf, "alpha": alphas.get("all"), "by_set": {}}
-    if not alphas:
-        return {"text": "\n".join(lines + ["  (no reference tokens: no ceiling)"]), "data": data}
-    lines.append("  ceiling = the pearl schedule with perfect overlap and no overhead, after the "
-                 "measured prefill of the same prompts (pearl/ceiling.py); models of ar and sd "
-                 f"(g={gamma}) likewise")
-    sets = [k for k in by_set if k in alphas] + ["all"]
-    for name in sets:
+    data: dict = {"alpha": alphas.get("all"), "by_set": {}, "inputs": {}}
+    lines = ["\nforward times as the services measured them during each schedule's requests "
+             "(pearl: with the other model computing on the other core much of the time; the "
+             "ceiling searches the windows whose forward times pearl measured, all of 1..8 with "
+             "--sweep):"]
+    for run, t in timing.items():
+        if t["t_forward"]:
+            data["inputs"][run] = {"t_draft": t["t_draft"], "t_forward": t["t_forward"]}
+            lines.append(f"  {run:6s} t_draft {1e3 * (t['t_draft'] or 0):.1f} ms; t_forward(m "
+                         "tokens fed) ms: " + " ".join(f"{m}:{1e3 * x:.1f}"
+                                                     for m, x in t["t_forward"].items())
+                         + f"; prefill mean {1e3 * statistics.mean(t['prefill_s'].values()):.0f}"
+                         " ms")
+    p = timing.get("pearl")
+    if not alphas or not p or not p["t_draft"] or 2 not in p["t_forward"]:
+        return {"text": "\n".join(lines + ["  (no reference tokens or pearl runs: no ceiling)"]),
+                "data": data}
+    td, tf = p["t_draft"], p["t_forward"]
+    lines.append("  ceiling = the pearl schedule with perfect overlap and no overhead on pearl's "
+                 "own forward times, after its own prefills (pearl/ceiling.py); models of ar and "
+                 f"sd (g={gamma}) likewise on theirs")
+    for name in [k for k in by_set if k in alphas] + ["all"]:
         alpha = alphas[name]
-        recs = [r for r in records if r["run"] == "pearl" and name in ("all", r["set"])]
+        in_set = lambda r: name in ("all", r["set"])  # noqa: E731
+        recs = [r for r in records if r["run"] == "pearl" and in_set(r)]
         new = sum(r["new_tokens"] for r in recs)
-        pre = sum(prefill[(r["set"], r["prompt"])] for r in recs)
+        pre = sum(r.get("prefill_s") or 0.0 for r in recs)
         g = best_gamma(td, tf, alpha)
         decode = ceiling(td, tf, alpha, g)
         d = {"alpha": alpha, "best_gamma": g, "decode_ceiling_tokens_per_s": decode,
              "prefill_s": pre, "new_tokens": new,
-             "ceiling_tokens_per_s": with_prefill(decode, new, pre) if recs else decode,
-             "model_ar_tokens_per_s": with_prefill(ar_rate(tf), new, pre) if recs else None,
-             "model_sd_tokens_per_s": (with_prefill(sd_rate(td, tf, alpha, gamma), new, pre)
-                                       if recs and gamma + 1 in tf else None)}
+             "ceiling_tokens_per_s": with_prefill(decode, new, pre)}
+        for run, model in (("ar", lambda t: ar_rate(t["t_forward"])),
+                           ("sd", lambda t: sd_rate(t["t_draft"], t["t_forward"], alpha, gamma))):
+            t = timing.get(run)
+            rr = [r for r in records if r["run"] == run and in_set(r)]
+            ok = t and ((run == "ar" and 1 in t["t_forward"]) or (
+                run == "sd" and t["t_draft"] and gamma + 1 in t["t_forward"]))
+            d[f"model_{run}_tokens_per_s"] = (with_prefill(
+                model(t), sum(r["new_tokens"] for r in rr),
+                sum(r.get("prefill_s") or 0.0 for r in rr)) if ok and rr else None)
         agg = by_run.get("pearl") if name == "all" else by_set[name].get("pearl")
         text = (f"  {name:9s} alpha {alpha:.3f} (teacher-forced); model ar "
                 f"{d['model_ar_tokens_per_s'] or 0:.2f}, sd {d['model_sd_tokens_per_s'] or 0:.2f}, "
@@ -605,7 +638,8 @@ def ceiling_report(timing: dict, alphas: dict[str, float], by_run: dict, by_set:
     data.update({k: overall.get(k) for k in (
         "best_gamma", "ceiling_tokens_per_s", "model_ar_tokens_per_s", "model_sd_tokens_per_s",
         "pearl_fraction_of_ceiling")})
-    data["ceiling_by_gamma"] = {k: ceiling(td, tf, overall["alpha"], k) for k in range(1, max(tf))}
+    data["ceiling_by_gamma"] = {k: ceiling(td, tf, overall["alpha"], k)
+                                for k in tf if k == 1 or k - 1 in tf}
     return {"text": "\n".join(lines), "data": data}
 
 

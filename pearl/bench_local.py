@@ -1,6 +1,5 @@
-"""The in-process side of `pearl bench`: transformers' own generation as contenders, timing of the
-models' forward passes for the analytical ceiling, and the tiny models and in-process services
-that `--tiny` uses.
+"""The in-process side of `pearl bench`: transformers' own generation as contenders, the draft's
+teacher-forced agreement and the target's logit margins, and the tiny models that `--tiny` uses.
 
 Contenders here run in the bench process itself with torch's intra-op threads and the CPU affinity
 of the calling thread set per run (one core for ``-1t``, all cores for ``-all``). The torch thread
@@ -12,8 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -180,112 +177,3 @@ class Local:
                 "other_logit": other, "margin": ref - other, "ulp": ulp, "noise": noise,
                 "cached_margin": float(step[reference_id] - step[other_id]),
                 "near_tie": abs(ref - other) <= max(2 * ulp, 2 * noise), "dtype": str(dtype)}
-
-
-# -- forward timing for the ceiling ---------------------------------------------------------------
-
-
-def _fresh_cache(model, prompt: torch.Tensor):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(prompt.to(next(model.parameters()).device), past_key_values=cache, use_cache=True)
-    sync(model)
-    return cache
-
-
-def _time_forward(model, cache, n_prompt: int, m: int, reps: int) -> float:
-    """Median seconds of a forward of ``m`` new tokens on top of the cached prompt."""
-    x = torch.randint(10, min(1000, model.config.vocab_size), (1, m),
-                      device=next(model.parameters()).device)
-    times = []
-    with torch.inference_mode():
-        for _ in range(reps):
-            sync(model)
-            t = time.perf_counter()
-            model(x, past_key_values=cache, use_cache=True)
-            sync(model)
-            times.append(time.perf_counter() - t)
-            cache.crop(-m)
-    return statistics.median(times)
-
-
-class Background:
-    """Keeps a model busy on its own core in a thread (the other model of a pearl run)."""
-
-    def __init__(self, model, prompt: torch.Tensor, cpu: int):
-        self.model, self.prompt, self.cpu = model, prompt, cpu
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        pin([self.cpu])
-        torch.set_num_threads(1)
-        cache = _fresh_cache(self.model, self.prompt)
-        n = self.prompt.shape[1]
-        while not self.stop.is_set():
-            _time_forward(self.model, cache, n, 1, 1)
-
-    def __enter__(self):
-        self.thread.start()
-        time.sleep(0.2)
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=60)
-
-
-def prefill_times(target, prompts: list[list[int]], contended_by=None) -> list[float]:
-    """Seconds of the target's prefill of each prompt, one thread on its own core (the target
-    service's split), with ``contended_by`` (the draft) decoding on the other core meanwhile."""
-    tcpu, dcpu = ALL_CPUS[-1], ALL_CPUS[0]
-    torch.set_num_threads(1)
-    pin([tcpu])
-    out = []
-
-    def run():
-        _fresh_cache(target, torch.tensor([prompts[0][:8]]))  # warm-up
-        for ids in prompts:
-            t = time.perf_counter()
-            _fresh_cache(target, torch.tensor([ids]))
-            out.append(time.perf_counter() - t)
-
-    if contended_by is not None and len(ALL_CPUS) > 1:
-        with Background(contended_by, torch.tensor([prompts[0]]), dcpu):
-            run()
-    else:
-        run()
-    pin(ALL_CPUS)
-    torch.set_num_threads(len(ALL_CPUS))
-    return out
-
-
-def measure_times(draft, target, prompt_ids: list[int], max_m: int = 9, reps: int = 3,
-                  contended: bool = True) -> dict:
-    """t_draft (one draft decode step) and t_forward[m] (a target forward of m new tokens on top
-    of the prompt's KV cache, m = 1..max_m), each model with one thread on its own core: draft on
-    the first CPU, target on the last (the split the services use). With ``contended`` the other
-    model runs decode steps on its own core meanwhile in a background thread, as in a pearl run
-    (memory bandwidth is shared); otherwise the other core is idle."""
-    prompt = torch.tensor([prompt_ids])
-    dcpu, tcpu = ALL_CPUS[0], ALL_CPUS[-1]
-    torch.set_num_threads(1)
-    out = {}
-    for who, model, cpu, other, ocpu in (("target", target, tcpu, draft, dcpu),
-                                         ("draft", draft, dcpu, target, tcpu)):
-        pin([cpu])
-        cache = _fresh_cache(model, prompt)
-        _time_forward(model, cache, len(prompt_ids), 1, 1)  # warm-up
-        ms = range(1, max_m + 1) if who == "target" else (1,)
-        if contended and len(ALL_CPUS) > 1:
-            with Background(other, prompt, ocpu):
-                out[who] = {m: _time_forward(model, cache, len(prompt_ids), m, reps) for m in ms}
-        else:
-            out[who] = {m: _time_forward(model, cache, len(prompt_ids), m, reps) for m in ms}
-    pin(ALL_CPUS)
-    torch.set_num_threads(len(ALL_CPUS))
-    return {"t_draft": out["draft"][1], "t_forward": out["target"],
-            "contended": bool(contended and len(ALL_CPUS) > 1),
-            "draft_cpu": dcpu, "target_cpu": tcpu, "reps": reps}

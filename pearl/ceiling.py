@@ -119,7 +119,8 @@ def ceiling(t_draft: float, t_forward: dict[int, float], alpha: float,
 
 def best_gamma(t_draft: float, t_forward: dict[int, float], alpha: float) -> int:
     """The window length with the highest ceiling among those ``t_forward`` covers."""
-    windows = [g for g in range(1, 65) if 2 in t_forward and (g == 1 or g in t_forward)]
+    windows = [g for g in range(1, 65)
+               if 2 in t_forward and (g == 1 or (g in t_forward and g - 1 in t_forward))]
     return max(windows, key=lambda g: ceiling(t_draft, t_forward, alpha, g))
 
 

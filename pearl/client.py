@@ -47,6 +47,9 @@ class Result:
 def stats_from_pb(s: pb.GenerateStats) -> dict:
     d = MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     d["draft_length_histogram"] = {int(k): int(v) for k, v in d["draft_length_histogram"].items()}
+    for name in ("target_forward_times", "draft_forward_times"):
+        d[name] = {int(k): {"count": int(v.get("count", 0)), "seconds": float(v.get("seconds", 0))}
+                   for k, v in sorted(d[name].items(), key=lambda kv: int(kv[0]))}
     d["speedup"] = None  # needs an ar run on the same prompt: `pearl demo` and `pearl bench` fill it
     return {k: (int(v) if isinstance(v, str) and v.isdigit() else v) for k, v in d.items()}
 

@@ -60,16 +60,31 @@ class Recorder:
         self.used_per_window: Counter[int] = Counter()
         self.gammas: list[int] = []
         self.fallback_reason = ""  # set when the target finished without the draft
+        self.prefill_ns = 0
+        # forward passes after the prefills, by tokens fed: [count, total ns]
+        self.target_times: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+        self.draft_times: dict[int, list[int]] = defaultdict(lambda: [0, 0])
 
     @staticmethod
     def now() -> int:
         return time.monotonic_ns()
 
-    def draft_forward(self, arrived_ns: int, forward_ns: int) -> None:
+    def draft_forward(self, arrived_ns: int, forward_ns: int, input_tokens: int = 1) -> None:
+        if self.draft_forwards:  # the first one prefilled the prompt
+            cell = self.draft_times[input_tokens]
+            cell[0] += 1
+            cell[1] += forward_ns
         self.draft_forwards += 1
         self.draft_busy.append((arrived_ns - forward_ns, arrived_ns))
 
-    def target_forward(self, arrived_ns: int, forward_ns: int) -> None:
+    def target_forward(self, arrived_ns: int, forward_ns: int, input_tokens: int = 1,
+                       prefill: bool = False) -> None:
+        if prefill:
+            self.prefill_ns += forward_ns
+        else:
+            cell = self.target_times[input_tokens]
+            cell[0] += 1
+            cell[1] += forward_ns
         self.target_forwards += 1
         self.target_busy.append((arrived_ns - forward_ns, arrived_ns))
 
@@ -129,4 +144,11 @@ class Recorder:
             "finish_reason": reason,
             "fell_back": bool(self.fallback_reason),
             "fallback_reason": self.fallback_reason,
+            "prefill_s": self.prefill_ns / 1e9,
+            "target_forward_times": _times(self.target_times),
+            "draft_forward_times": _times(self.draft_times),
         }
+
+
+def _times(cells: dict[int, list[int]]) -> dict[int, dict]:
+    return {m: {"count": n, "seconds": ns / 1e9} for m, (n, ns) in sorted(cells.items())}

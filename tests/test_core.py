@@ -112,3 +112,21 @@ def test_abort_leaves_the_sequence_as_it_was():
     with pytest.raises(Aborted):
         seq.forward(abort=abort)
     assert seq.cached == 6 and seq.cache.get_seq_length() == 6
+
+
+def test_recorder_forward_times_by_tokens_fed():
+    rec = Recorder("pearl", 10)
+    rec.target_forward(1_000, 500, input_tokens=10, prefill=True)
+    rec.target_forward(2_000, 200, input_tokens=1)
+    rec.target_forward(3_000, 300, input_tokens=4)
+    rec.target_forward(4_000, 100, input_tokens=1)
+    rec.draft_forward(1_500, 400, input_tokens=10)  # the draft's prefill: not a step
+    rec.draft_forward(2_500, 80, input_tokens=1)
+    rec.draft_forward(3_500, 90, input_tokens=2)  # a catch-up after a rollback
+    s = rec.finish(3, "length")
+    assert s["prefill_s"] == 500e-9
+    assert s["target_forward_times"] == {1: {"count": 2, "seconds": 300e-9},
+                                         4: {"count": 1, "seconds": 300e-9}}
+    assert s["draft_forward_times"] == {1: {"count": 1, "seconds": 80e-9},
+                                        2: {"count": 1, "seconds": 90e-9}}
+    assert s["target_forwards"] == 4 and s["draft_forwards"] == 3

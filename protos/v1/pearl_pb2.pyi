@@ -264,8 +264,16 @@ class GenerateRequest(_message.Message):
     chat: bool
     def __init__(self, prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., gamma: _Optional[int] = ..., gamma_max: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ...) -> None: ...
 
+class ForwardTimes(_message.Message):
+    __slots__ = ("count", "seconds")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    seconds: float
+    def __init__(self, count: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class GenerateStats(_message.Message):
-    __slots__ = ("new_tokens", "wall_s", "tokens_per_s", "draft_tokens", "accepted_tokens", "acceptance_rate", "target_forwards", "draft_forwards", "tokens_per_target_forward", "mean_accepted_tokens", "per_position_acceptance", "gamma_history", "draft_length_histogram", "both_busy_s", "target_idle_s", "draft_idle_s", "overlap_ratio", "stale_proposals", "time_to_first_token_s", "finish_reason", "mode", "prompt_tokens", "fell_back", "fallback_reason")
+    __slots__ = ("new_tokens", "wall_s", "tokens_per_s", "draft_tokens", "accepted_tokens", "acceptance_rate", "target_forwards", "draft_forwards", "tokens_per_target_forward", "mean_accepted_tokens", "per_position_acceptance", "gamma_history", "draft_length_histogram", "both_busy_s", "target_idle_s", "draft_idle_s", "overlap_ratio", "stale_proposals", "time_to_first_token_s", "finish_reason", "mode", "prompt_tokens", "fell_back", "fallback_reason", "prefill_s", "target_forward_times", "draft_forward_times")
     class DraftLengthHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +281,20 @@ class GenerateStats(_message.Message):
         key: int
         value: int
         def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class TargetForwardTimesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: ForwardTimes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[ForwardTimes, _Mapping]] = ...) -> None: ...
+    class DraftForwardTimesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: ForwardTimes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[ForwardTimes, _Mapping]] = ...) -> None: ...
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WALL_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +319,9 @@ class GenerateStats(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FELL_BACK_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FORWARD_TIMES_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FORWARD_TIMES_FIELD_NUMBER: _ClassVar[int]
     new_tokens: int
     wall_s: float
     tokens_per_s: float
@@ -321,7 +346,10 @@ class GenerateStats(_message.Message):
     prompt_tokens: int
     fell_back: bool
     fallback_reason: str
-    def __init__(self, new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_forwards: _Optional[int] = ..., draft_forwards: _Optional[int] = ..., tokens_per_target_forward: _Optional[float] = ..., mean_accepted_tokens: _Optional[float] = ..., per_position_acceptance: _Optional[_Iterable[float]] = ..., gamma_history: _Optional[_Iterable[int]] = ..., draft_length_histogram: _Optional[_Mapping[int, int]] = ..., both_busy_s: _Optional[float] = ..., target_idle_s: _Optional[float] = ..., draft_idle_s: _Optional[float] = ..., overlap_ratio: _Optional[float] = ..., stale_proposals: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., mode: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., fell_back: _Optional[bool] = ..., fallback_reason: _Optional[str] = ...) -> None: ...
+    prefill_s: float
+    target_forward_times: _containers.MessageMap[int, ForwardTimes]
+    draft_forward_times: _containers.MessageMap[int, ForwardTimes]
+    def __init__(self, new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_forwards: _Optional[int] = ..., draft_forwards: _Optional[int] = ..., tokens_per_target_forward: _Optional[float] = ..., mean_accepted_tokens: _Optional[float] = ..., per_position_acceptance: _Optional[_Iterable[float]] = ..., gamma_history: _Optional[_Iterable[int]] = ..., draft_length_histogram: _Optional[_Mapping[int, int]] = ..., both_busy_s: _Optional[float] = ..., target_idle_s: _Optional[float] = ..., draft_idle_s: _Optional[float] = ..., overlap_ratio: _Optional[float] = ..., stale_proposals: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., mode: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., fell_back: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., prefill_s: _Optional[float] = ..., target_forward_times: _Optional[_Mapping[int, ForwardTimes]] = ..., draft_forward_times: _Optional[_Mapping[int, ForwardTimes]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "stats")
