@@ -67,13 +67,14 @@ class HiddenTransferSession:
         if self.started:
             raise ProtocolError("start sent twice on one stream")
         n = len(self.ids)
-        out, timing = self._forward(self.ids, list(range(-1, n - 1)), list(range(n)), [n - 1])
+        clock = Clock()
+        out = self._forward(self.ids, list(range(-1, n - 1)), list(range(n)), [n - 1])
         self.kv.keep(list(range(n)))
         token = choose(logits(self.model, out.nodes[-1]), self.sampling, n)
         self.ids.append(token)
         self.drafts = out.pseudo[0]
         self.started = True
-        return Verdict(n, 0, 0, token, len(self.ids), *timing)
+        return Verdict(n, 0, 0, token, len(self.ids), *clock.stop(out.nodes, n + self.k))
 
     @torch.inference_mode()
     def step(self) -> Verdict:
@@ -86,16 +87,19 @@ class HiddenTransferSession:
                                 "positions")
         depth_room = self.max_positions - 1 - root_pos  # nodes must stay inside the context
         paths = [p for p in self.paths if len(p) <= depth_room]
+        clock = Clock()  # the step's time: the LM-head passes around the forward count too
         tokens, parents, depths = self._tree(paths)
-        out, timing = self._forward(tokens, parents, depths, list(range(len(tokens))))
+        out = self._forward(tokens, parents, depths, list(range(len(tokens))))
+        # one LM-head pass for every node the walk may visit: the head reads the largest matrix
+        # of the model, and a pass per visited node cost ~30 ms each on one CPU thread
+        node_logits = logits(self.model, out.nodes)  # [n, vocab]
 
         children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
         for j in range(1, len(tokens)):
             children.setdefault((parents[j], tokens[j]), j)
         node, walked, accepted = 0, [0], []
         while True:
-            token = choose(logits(self.model, out.nodes[node]), self.sampling,
-                           root_pos + depths[node] + 1)
+            token = choose(node_logits[node], self.sampling, root_pos + depths[node] + 1)
             child = children.get((node, token))
             if child is None:
                 break
@@ -107,8 +111,9 @@ class HiddenTransferSession:
         self.ids.extend(accepted + [token])
         self.drafts = out.pseudo[node]
         drafted = max((len(p) for p in paths), default=0)
-        return Verdict(position, drafted, len(accepted), token, len(self.ids), *timing,
-                       accepted_ids=accepted)
+        fed = len(tokens) * (1 + self.k)  # every node and its pseudo tokens
+        return Verdict(position, drafted, len(accepted), token, len(self.ids),
+                       *clock.stop(node_logits, fed), accepted_ids=accepted)
 
     def _tree(self, paths: list[tuple[int, ...]]) -> tuple[list[int], list[int], list[int]]:
         """Tokens, parent indices and depths of the root and one node per rank path."""
@@ -127,11 +132,18 @@ class HiddenTransferSession:
         return tokens, parents, depths
 
     def _forward(self, tokens, parents, depths, pseudo_for):
-        started_unix_ns = time.time_ns()
-        t0 = time.perf_counter_ns()
-        out = tree_forward(self.model, self.transfer, self.kv, tokens, parents, depths, pseudo_for,
-                           self.k)
-        if out.nodes.device.type == "cuda":
-            torch.cuda.synchronize(out.nodes.device)
-        fed = len(tokens) + len(pseudo_for) * self.k
-        return out, (time.perf_counter_ns() - t0, started_unix_ns, fed)
+        return tree_forward(self.model, self.transfer, self.kv, tokens, parents, depths,
+                            pseudo_for, self.k)
+
+
+class Clock:
+    """The duration of one step as the Verdict reports it: (forward_ns, started_unix_ns, fed)."""
+
+    def __init__(self):
+        self.started_unix_ns = time.time_ns()
+        self.t0 = time.perf_counter_ns()
+
+    def stop(self, last: torch.Tensor, fed: int) -> tuple[int, int, int]:
+        if last.device.type == "cuda":  # the step's kernels must be done before the clock stops
+            torch.cuda.synchronize(last.device)
+        return time.perf_counter_ns() - self.t0, self.started_unix_ns, fed
