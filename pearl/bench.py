@@ -129,7 +129,8 @@ def service_run(client, run: str, ids: list[int], m: int, gamma: int) -> dict:
             "acceptance_rate", "mean_accepted_tokens", "target_forwards", "draft_forwards",
             "draft_tokens", "accepted_tokens", "both_busy_s", "target_idle_s", "draft_idle_s",
             "overlap_ratio", "gamma_history", "draft_length_histogram", "finish_reason",
-            "prefill_s", "target_forward_times", "draft_forward_times")},
+            "prefill_s", "target_forward_times", "draft_forward_times",
+            "per_position_acceptance")},
         "overhead_s": overhead, "overhead_per_round_ms": 1e3 * overhead / rounds,
         "overhead_share": overhead / cw if cw else 0.0,
     }
