@@ -361,13 +361,12 @@ def bench(a) -> int:
                                  first_difference(r["token_ids"], ref[(r["set"], r["prompt"])]))
 
     # greedy outputs that differ from the reference: the target's logit margin there
+    prompt_ids = {(p["set"], p["index"]): p["ids"] for p in prompts}
     for r in records:
-        d = r["first_difference"]
-        if d is not None and d < min(len(r["token_ids"]), len(ref[(r["set"], r["prompt"])])):
-            prompt_ids = next(p["ids"] for p in prompts
-                              if (p["set"], p["index"]) == (r["set"], r["prompt"]))
-            r["divergence"] = local.margin(prompt_ids, r["token_ids"][:d],
-                                           ref[(r["set"], r["prompt"])][d], r["token_ids"][d])
+        d, key = r["first_difference"], (r["set"], r["prompt"])
+        if d is not None and d < min(len(r["token_ids"]), len(ref[key])):
+            r["divergence"] = local.margin(prompt_ids[key], r["token_ids"][:d], ref[key][d],
+                                           r["token_ids"][d])
 
     # per-prompt agreement of the draft with the reference tokens (the ceiling's alpha)
     agreement: dict[str, list[int]] = {}
@@ -486,11 +485,8 @@ def summary_rows(contenders, by_run, rss_services, rss_self, tiny, baseline_run)
     base = by_run.get(baseline_run, {}).get("tokens_per_s")
     rows = []
     for c in contenders:
-        if c.startswith("hf-assisted"):
-            setting = max(("default", "fixed"), key=lambda s: by_run[f"{c}:{s}"]["tokens_per_s"])
-            agg, label = by_run[f"{c}:{setting}"], f"{c} ({setting})"
-        else:
-            agg, label = by_run[c], c
+        run = best_run(by_run, c)
+        agg, label = by_run[run], (c if run == c else f"{c} ({run.partition(':')[2]})")
         rss = svc_rss if (c in SERVICE and not tiny) else f"{rss_self:.0f} (bench)"
         rows.append({"contender": label, **agg,
                      "speedup": agg["tokens_per_s"] / base if base else None, "peak_rss": rss})
@@ -663,19 +659,19 @@ def divergence_text(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-GOALS = [  # (name, numerator run, denominator run or None, threshold, sense)
+GOALS = [  # (name, numerator contender, denominator contender, lowest ratio that meets it)
     ("pearl / sd", "pearl", "sd", 1.5),
     ("pearl / hf-assisted-1t", "pearl", "hf-assisted-1t", 1.3),
     ("pearl / hf-assisted-all", "pearl", "hf-assisted-all", 1.2),
 ]
 
 
-def best_of(aggs: dict, contender: str) -> dict | None:
-    """The aggregate of ``contender``, for hf-assisted the better of its two settings."""
+def best_run(aggs: dict, contender: str) -> str | None:
+    """The run of ``contender`` in ``aggs``; for hf-assisted the faster of its two settings."""
     if contender in aggs:
-        return aggs[contender]
-    runs = [v for k, v in aggs.items() if k.startswith(contender + ":")]
-    return max(runs, key=lambda v: v["tokens_per_s"]) if runs else None
+        return contender
+    runs = [k for k in aggs if k.startswith(contender + ":")]
+    return max(runs, key=lambda k: aggs[k]["tokens_per_s"]) if runs else None
 
 
 def goals_report(by_run: dict, by_set: dict, ceil: dict) -> dict:
@@ -685,10 +681,10 @@ def goals_report(by_run: dict, by_set: dict, ceil: dict) -> dict:
     lines = [f"\nspeed goals ({name} prompts; measured side by side in this run):"]
     data = {"set": name}
     for label, num, den, goal in GOALS:
-        a, b = best_of(aggs, num), best_of(aggs, den)
+        a, b = best_run(aggs, num), best_run(aggs, den)
         if not a or not b:
             continue
-        ratio = a["tokens_per_s"] / b["tokens_per_s"]
+        ratio = aggs[a]["tokens_per_s"] / aggs[b]["tokens_per_s"]
         data[label] = {"value": ratio, "goal": goal, "met": ratio >= goal}
         lines.append(f"  {label:24s} {ratio:5.2f}  (goal >= {goal}): "
                      f"{'met' if ratio >= goal else 'NOT met'}")

@@ -87,7 +87,6 @@ class Local:
         if self.pad is None:
             self.pad = (eos[0] if isinstance(eos, list) else eos) or 0
         self.device = target.device
-        self.gpu = target.device.type == "cuda"
         warm_pool(target.model)
 
     def configure_assistant(self, setting: str) -> dict:

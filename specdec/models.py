@@ -101,11 +101,11 @@ def random_model(name: str, dev: torch.device, dt: torch.dtype, seed: int = 0) -
 
     The weights are random but *decisive*: the embeddings are scaled up, the layers' output
     projections down, and the LM head is tied to the embeddings, so the residual stream keeps the
-    token's own embedding and greedy decoding picks it again with a margin far above rounding. Plain random weights give
-    near-flat logits whose argmax flips between code paths (a window of 4 tokens against one at a
-    time, in bfloat16); then the services and the references disagree and a replaying draft
-    (draft_service/replay.py) cannot supply the acceptance asked of it. Forward times do not
-    depend on the values of the weights.
+    token's own embedding and greedy decoding picks it again with a margin far above rounding.
+    Plain random weights give near-flat logits whose argmax flips between code paths (a window
+    of 4 tokens against one at a time, in bfloat16); then the services and the references
+    disagree and a replaying draft (draft_service/replay.py) cannot supply the acceptance asked
+    of it. Forward times do not depend on the values of the weights.
     """
     import os
 

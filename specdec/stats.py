@@ -71,9 +71,7 @@ class Recorder:
 
     def draft_forward(self, arrived_ns: int, forward_ns: int, input_tokens: int = 1) -> None:
         if self.draft_forwards:  # the first one prefilled the prompt
-            cell = self.draft_times[input_tokens]
-            cell[0] += 1
-            cell[1] += forward_ns
+            _tally(self.draft_times, input_tokens, forward_ns)
         self.draft_forwards += 1
         self.draft_busy.append((arrived_ns - forward_ns, arrived_ns))
 
@@ -82,9 +80,7 @@ class Recorder:
         if prefill:
             self.prefill_ns += forward_ns
         else:
-            cell = self.target_times[input_tokens]
-            cell[0] += 1
-            cell[1] += forward_ns
+            _tally(self.target_times, input_tokens, forward_ns)
         self.target_forwards += 1
         self.target_busy.append((arrived_ns - forward_ns, arrived_ns))
 
@@ -148,6 +144,12 @@ class Recorder:
             "target_forward_times": _times(self.target_times),
             "draft_forward_times": _times(self.draft_times),
         }
+
+
+def _tally(cells: dict[int, list[int]], input_tokens: int, forward_ns: int) -> None:
+    cell = cells[input_tokens]
+    cell[0] += 1
+    cell[1] += forward_ns
 
 
 def _times(cells: dict[int, list[int]]) -> dict[int, dict]:
