@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from coordinator.fallback import DEFAULT_DRAFT_TIMEOUT_S, next_live_event
 from coordinator.links import DraftLink, Event, TargetLink
 from coordinator.output import Output
+from specdec.defaults import DEFAULT_GAMMA, DEFAULT_GAMMA_MAX
 from specdec.stats import Recorder
 
 
@@ -54,7 +55,7 @@ class Plan:
     max_new_tokens: int
     max_positions: int  # the smaller of the two models' context lengths
     gamma: int | None = None  # fixed window; None = adaptive (pearl)
-    gamma_max: int = 8
+    gamma_max: int = DEFAULT_GAMMA_MAX
     sampling: object = None  # SamplingParams, passed to the services as it is
     draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S  # a silent draft is given up (fallback.py)
 
@@ -64,7 +65,7 @@ class Timing:
 
     Shared by all requests of a coordinator (they run on the same pair of services)."""
 
-    def __init__(self, alpha: float = 0.2, gamma_init: int = 4):
+    def __init__(self, alpha: float = 0.2, gamma_init: int = DEFAULT_GAMMA):
         self.alpha = alpha
         self.gamma_init = gamma_init
         self.t_draft: float | None = None

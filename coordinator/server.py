@@ -32,7 +32,13 @@ from coordinator.schedule import (
 )
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
-from specdec.limits import DEFAULT_MAX_SESSIONS
+from specdec.defaults import (
+    DEFAULT_GAMMA,
+    DEFAULT_GAMMA_MAX,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_MAX_SESSIONS,
+)
 from specdec.security import ClientTLS, ServerTLS, TokenAuth, aio_channel
 from specdec.serving import Server
 from specdec.stats import Recorder
@@ -45,8 +51,6 @@ MODES = {pb.MODE_AR: "ar", pb.MODE_SD: "sd", pb.MODE_PEARL: "pearl",
          pb.MODE_HIDDEN_TRANSFER: "hidden-transfer"}
 WITH_DRAFT = ("sd", "pearl")
 GAMMA_LIMIT = 64
-DEFAULT_MAX_PROMPT_TOKENS = 16384  # resource bounds per request (--max-prompt-tokens)
-DEFAULT_MAX_NEW_TOKENS = 4096  # (--max-new-tokens)
 CHARS_PER_TOKEN_BOUND = 64  # prompt text longer than this many chars per allowed token: refused
 
 
@@ -73,7 +77,8 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
     max_prompt_tokens = DEFAULT_MAX_PROMPT_TOKENS
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 
-    def __init__(self, target: str, draft: str | None, gamma: int = 4, gamma_max: int = 8):
+    def __init__(self, target: str, draft: str | None, gamma: int = DEFAULT_GAMMA,
+                 gamma_max: int = DEFAULT_GAMMA_MAX):
         self.target_addr, self.draft_addr = target, draft
         self.default_gamma, self.default_gamma_max = gamma, gamma_max
         self.timing = Timing()
@@ -210,9 +215,10 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         yield pb.GenerateResponse(stats=stats_to_pb(stats))
 
 
-async def serve(target: str, draft: str | None, port: int, host: str = "[::]", gamma: int = 4,
-                gamma_max: int = 8, tls: ServerTLS | None = None,
-                backend_tls: ClientTLS | None = None, auth_token: str | None = None,
+async def serve(target: str, draft: str | None, port: int, host: str = "[::]",
+                gamma: int = DEFAULT_GAMMA, gamma_max: int = DEFAULT_GAMMA_MAX,
+                tls: ServerTLS | None = None, backend_tls: ClientTLS | None = None,
+                auth_token: str | None = None,
                 max_sessions: int = DEFAULT_MAX_SESSIONS,
                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,

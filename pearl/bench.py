@@ -21,12 +21,20 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODELS = {"draft": "qwen2.5-coder-0.5b-instruct", "target": "qwen2.5-coder-1.5b-instruct"}
+from specdec.defaults import (
+    DEFAULT_DTYPE,
+    DEFAULT_GAMMA_MAX,
+    DEFAULT_MODELS,
+    DEFAULT_NEW_TOKENS,
+    DEFAULT_PAIR_GAMMA,
+    DTYPES,
+)
+
 SERVICE = ("ar", "sd", "pearl", "hidden-transfer")
 LOCAL = ("hf-assisted-1t", "hf-assisted-all", "ar-local-1t", "ar-local-all")
 CONTENDERS = SERVICE + LOCAL
 BASELINE = "ar-local-1t"
-SWEEP = range(1, 9)
+SWEEP = range(1, DEFAULT_GAMMA_MAX + 1)
 
 PROSE = [
     "The history of the printing press begins in the fifteenth century, when",
@@ -46,16 +54,17 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark ar/sd/pearl against transformers' generation")
     p.add_argument("--draft-model", default=DEFAULT_MODELS["draft"])
     p.add_argument("--target-model", default=DEFAULT_MODELS["target"])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES)
     p.add_argument("--prompts", type=int, default=8, help="prompts per set")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
     p.add_argument("--set", default="both", choices=["humaneval", "prose", "both"])
     p.add_argument("--contenders", default=",".join(CONTENDERS),
                    help=f"comma list of {','.join(CONTENDERS)}")
-    p.add_argument("--gamma", type=int, default=3,
+    p.add_argument("--gamma", type=int, default=DEFAULT_PAIR_GAMMA,
                    help="sd's fixed window; also hf-assisted's fixed window")
     p.add_argument("--sweep", action="store_true",
-                   help="also sd and pearl with fixed gamma 1..8 (pearl adaptive is `pearl`)")
+                   help=f"also sd and pearl with fixed gamma {SWEEP[0]}..{SWEEP[-1]} (pearl adaptive "
+                        "is `pearl`)")
     p.add_argument("--out", default="bench-out", help="folder for results.json and chart.png")
     p.add_argument("--tiny", action="store_true",
                    help="tiny random models built in code, services in this process (CI)")
@@ -578,8 +587,8 @@ def ceiling_report(timing: dict, alphas: dict[str, float], by_run: dict, by_set:
     data: dict = {"alpha": alphas.get("all"), "by_set": {}, "inputs": {}}
     lines = ["\nforward times as the services measured them during each schedule's requests "
              "(pearl: with the other model computing on the other core much of the time; the "
-             "ceiling searches the windows whose forward times pearl measured, all of 1..8 with "
-             "--sweep):"]
+             "ceiling searches the windows whose forward times pearl measured, all of "
+             f"{SWEEP[0]}..{SWEEP[-1]} with --sweep):"]
     for run, t in timing.items():
         if t["t_forward"]:
             data["inputs"][run] = {"t_draft": t["t_draft"], "t_forward": t["t_forward"]}

@@ -5,7 +5,6 @@ PEARL_THREADS, PEARL_CPUS, PEARL_DRAFT, PEARL_TARGET, PEARL_COORDINATOR, PEARL_C
 """
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -13,9 +12,19 @@ import sys
 from pathlib import Path
 
 from pearl.guard_flags import add_client_flags, add_serve_flags, client_kwargs, serve_kwargs
-
-DEFAULT_PORTS = {"draft": 50051, "target": 50052, "coordinator": 50050}
-DEFAULT_MODELS = {"draft": "qwen2.5-coder-0.5b-instruct", "target": "qwen2.5-coder-1.5b-instruct"}
+from specdec.defaults import (
+    DEFAULT_COORDINATOR,
+    DEFAULT_DTYPE,
+    DEFAULT_GAMMA,
+    DEFAULT_GAMMA_MAX,
+    DEFAULT_GRACE_S,
+    DEFAULT_MODELS,
+    DEFAULT_NEW_TOKENS,
+    DEFAULT_PAIR_GAMMA,
+    DEFAULT_PORTS,
+    DEFAULT_TREE_NODES,
+    DTYPES,
+)
 
 
 def env(name: str, default=None):
@@ -36,25 +45,24 @@ def add_serve(sub) -> None:
     p.add_argument("role", choices=["draft", "target", "coordinator"])
     p.add_argument("--host", default=env("HOST", "[::]"))
     p.add_argument("--port", type=int, default=env("PORT"),
-                   help="listen port (0 = any free port; default 50051 draft, 50052 target, "
-                        "50050 coordinator)")
+                   help="listen port (0 = any free port; default "
+                        + ", ".join(f"{p} {r}" for r, p in DEFAULT_PORTS.items()) + ")")
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.add_argument("--model", default=env("MODEL"),
                    help="model name, local folder or Hugging Face id (draft/target)")
     p.add_argument("--device", default=env("DEVICE", "cpu"), choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=env("DTYPE", "bfloat16"),
-                   choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default=env("DTYPE", DEFAULT_DTYPE), choices=DTYPES)
     p.add_argument("--threads", type=int, default=env("THREADS"),
                    help="torch intra-op threads (default: torch's, or 1 with --device cuda)")
     p.add_argument("--cpus", default=env("CPUS"), help="pin the process to these CPUs (0,1 or 0-3)")
     p.add_argument("--draft", default=env("DRAFT"), help="draft service HOST:PORT (coordinator)")
     p.add_argument("--target", default=env("TARGET"),
                    help="target service HOST:PORT (coordinator)")
-    p.add_argument("--gamma", type=int, default=int(env("GAMMA", 4)),
+    p.add_argument("--gamma", type=int, default=int(env("GAMMA", DEFAULT_GAMMA)),
                    help="default window for sd (coordinator)")
-    p.add_argument("--gamma-max", type=int, default=int(env("GAMMA_MAX", 8)),
+    p.add_argument("--gamma-max", type=int, default=int(env("GAMMA_MAX", DEFAULT_GAMMA_MAX)),
                    help="largest adaptive window (coordinator)")
-    p.add_argument("--grace", type=float, default=float(env("GRACE_S", 10)),
+    p.add_argument("--grace", type=float, default=float(env("GRACE_S", DEFAULT_GRACE_S)),
                    help="seconds to drain in-flight calls on SIGTERM")
     p.add_argument("--trace-file", default=env("TRACE_FILE"),
                    help="append spans here as JSON lines (for `pearl trace`); OTLP export is on "
@@ -64,7 +72,7 @@ def add_serve(sub) -> None:
     p.add_argument("--transfer", default=env("TRANSFER", "auto"),
                    help="target: Hidden Transfer layers file; 'auto' (default) takes the model's "
                         "trained or shipped file if there is one, 'none' serves without")
-    p.add_argument("--tree-nodes", type=int, default=int(env("TREE_NODES", 4)),
+    p.add_argument("--tree-nodes", type=int, default=int(env("TREE_NODES", DEFAULT_TREE_NODES)),
                    help="target: candidate nodes per Hidden Transfer tree")
     p.add_argument("--replay", default=env("REPLAY"),
                    help="draft, benchmarking only: propose the target's greedy tokens from this "
@@ -76,6 +84,8 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(a) -> None:
+    import asyncio
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.cpus:
         os.sched_setaffinity(0, parse_cpus(a.cpus))
@@ -144,9 +154,9 @@ def load_transfer(spec: str, model: str):
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text through a coordinator")
     p.add_argument("prompt")
-    p.add_argument("--coordinator", default=env("COORDINATOR", "localhost:50050"))
+    p.add_argument("--coordinator", default=env("COORDINATOR", DEFAULT_COORDINATOR))
     p.add_argument("--mode", default="pearl", choices=["ar", "sd", "pearl", "hidden-transfer"])
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
     p.add_argument("--gamma", type=int, default=0, help="fixed window (0: adaptive in pearl)")
     p.add_argument("--gamma-max", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -210,10 +220,10 @@ def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="start the three services with the default pair and compare")
     p.add_argument("--draft-model", default=DEFAULT_MODELS["draft"])
     p.add_argument("--target-model", default=DEFAULT_MODELS["target"])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--gamma", type=int, default=3, help="window for sd")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
+    p.add_argument("--gamma", type=int, default=DEFAULT_PAIR_GAMMA, help="window for sd")
     p.add_argument("--prompt", help="a prompt (default: a HumanEval problem)")
     p.add_argument("--trace-file", help="the three services append their spans here as JSON "
                                         "lines (then: pearl trace FILE)")

@@ -5,13 +5,15 @@ import threading
 
 from coordinator.server import serve as serve_coordinator
 from draft_service.server import serve as serve_draft
+from specdec.defaults import DEFAULT_GAMMA, DEFAULT_GAMMA_MAX
 from target_service.server import serve as serve_target
 
 
 class Cluster:
     """Draft, target and coordinator servers on a background event loop."""
 
-    def __init__(self, draft, target, gamma: int = 4, gamma_max: int = 8,
+    def __init__(self, draft, target, gamma: int = DEFAULT_GAMMA,
+                 gamma_max: int = DEFAULT_GAMMA_MAX,
                  draft_kw: dict | None = None, target_kw: dict | None = None,
                  coordinator_kw: dict | None = None):
         """``*_kw``: extra keyword arguments of each service's ``serve`` (TLS, limits)."""

@@ -14,7 +14,13 @@ generate:             --tls-ca [--tls-cert --tls-key] --auth-token T | PEARL_AUT
 
 import os
 
-from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS
+from specdec.defaults import (
+    DEFAULT_DRAFT_TIMEOUT_S,
+    DEFAULT_IDLE_S,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_MAX_SESSIONS,
+)
 
 
 def _env(name: str, default=None):
@@ -22,9 +28,6 @@ def _env(name: str, default=None):
 
 
 def add_serve_flags(p) -> None:
-    from coordinator.fallback import DEFAULT_DRAFT_TIMEOUT_S
-    from coordinator.server import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_TOKENS
-
     g = p.add_argument_group("security and limits")
     g.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate: serve TLS")
     g.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert")

@@ -9,16 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from pearl.demo import humaneval_prompt
+from specdec.defaults import DEFAULT_DTYPE, DEFAULT_MODELS, DTYPES
 
-DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 FIRST_TRAIN_PROMPT = 40  # bench and demo prompts come before this index
 
 
 def add_transfer(sub) -> None:
     p = sub.add_parser("transfer", help="train or show Hidden Transfer layers")
     p.add_argument("action", choices=["train", "show", "sweep"])
-    p.add_argument("--model", default=DEFAULT_TARGET)
+    p.add_argument("--model", default=DEFAULT_MODELS["target"])
     p.add_argument("--layer", type=int, default=None,
                    help="decoder layer whose input the maps read (default: half the depth; "
                         "docs/hidden-transfer.md: the sweep)")
@@ -30,7 +29,7 @@ def add_transfer(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", help="weights file (default: next to the model's cache)")
     p.add_argument("--file", action="append",
@@ -59,6 +58,7 @@ def cmd_transfer(a) -> None:
         print(acceptance_table(t.rank_acceptance))
         return
 
+    from pearl.demo import humaneval_prompt
     from specdec.models import load_model
     from target_service.transfer_train import train
 
@@ -85,6 +85,7 @@ def cmd_transfer(a) -> None:
 def sweep(a) -> None:
     """Decode HumanEval prompts 0.. in this process with each file and tree size; compare with
     plain greedy decoding on the same thread."""
+    from pearl.demo import humaneval_prompt
     from pearl.report import table
     from specdec.models import load_model
     from target_service.hidden_transfer import HiddenTransferSession

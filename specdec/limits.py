@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-DEFAULT_MAX_SESSIONS = 64
-DEFAULT_IDLE_S = 300.0
+from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS  # noqa: F401 (re-exported)
 
 
 def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):

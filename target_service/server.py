@@ -5,6 +5,7 @@ import logging
 import grpc
 
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
+from specdec.defaults import DEFAULT_TREE_NODES
 from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, idle_limited
 from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
@@ -13,8 +14,6 @@ from specdec.wire import dist_from_pb, sampling_from_pb
 from target_service.hidden_transfer import HiddenTransferSession
 from target_service.transfer import Transfer, chain_paths, tree_paths
 from target_service.verifier import ProtocolError, TargetSession, Verdict
-
-DEFAULT_TREE_NODES = 4  # candidate nodes under the root (docs/hidden-transfer.md: the sweep)
 
 log = logging.getLogger("pearl.target")
 
