@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from draft_service.replay import ReplaySession
-from specdec.kv import CachedSequence, ProtocolError, check_ids, check_prompt, make_abortable
+from specdec.engine import Engine, engine_for
+from specdec.kv import ProtocolError, check_ids, check_prompt, make_abortable
 from specdec.sampling import DRAFT, Sampling, WireDist, compress, uniform, warp
 
 
@@ -22,6 +23,9 @@ class Proposal:
     started_unix_ns: int
     input_tokens: int
     q: WireDist | None = None  # the distribution the token was drawn from (sampling only)
+    batch_rows: int = 1  # sessions in the engine step that drafted it
+    batch_tokens: int = 0  # tokens fed in that step
+    queue_ns: int = 0  # time the step request waited for the engine
 
 
 class DraftSession:
@@ -31,10 +35,11 @@ class DraftSession:
     each proposal carries the window it belongs to.
     """
 
-    def __init__(self, model: torch.nn.Module, prompt_ids: list[int], window_id: int, goal: int,
+    def __init__(self, model: torch.nn.Module | Engine, prompt_ids: list[int], window_id: int, goal: int,
                  max_positions: int, sampling: Sampling = Sampling(), q_tail: float = 1e-4,
                  replay: ReplaySession | None = None):
-        check_prompt(prompt_ids, model.config.vocab_size, max_positions)
+        engine = engine_for(model)
+        check_prompt(prompt_ids, engine.model.config.vocab_size, max_positions)
         if replay is not None and not sampling.greedy:
             raise ProtocolError("start.sampling: this draft replays greedy references "
                                 "(--replay, a benchmarking draft); it does not sample")
@@ -42,12 +47,26 @@ class DraftSession:
         self.max_positions = max_positions
         self.sampling = sampling
         self.q_tail = q_tail
-        make_abortable(model)
-        self.seq = CachedSequence(model, prompt_ids)
+        if not engine.batched:  # transformers' forward: stop it between layers by a hook
+            make_abortable(engine.model)
+        self.seq = engine.sequence(prompt_ids, "draft")
         self.windows: list[tuple[int, int]] = [(len(prompt_ids), window_id)]
+        self.last_window_id = window_id
         self.goal = self._checked_goal(goal, "start.draft_until")
 
+    def close(self) -> None:
+        """Give the session's KV slots back to the engine."""
+        self.seq.close()
+
+    def _checked_window(self, window_id: int, field: str) -> None:
+        if window_id <= self.last_window_id:
+            raise ProtocolError(f"{field}={window_id} does not come after window "
+                                f"{self.last_window_id}: window ids must increase")
+        self.last_window_id = window_id
+
     def _checked_goal(self, goal: int, field: str) -> int:
+        if goal < len(self.seq):
+            raise ProtocolError(f"{field}={goal} is behind the sequence end {len(self.seq)}")
         if goal > self.max_positions:
             raise ProtocolError(f"{field}={goal} is past the model's {self.max_positions} positions")
         return goal
@@ -61,9 +80,10 @@ class DraftSession:
 
     def extend(self, window_id: int, goal: int) -> None:
         """A new window continuing the current sequence, up to ``goal`` tokens."""
-        goal = self._checked_goal(goal, "extend.draft_until")
         if goal < self.goal:
             raise ProtocolError(f"extend.draft_until={goal} goes back from {self.goal}")
+        goal = self._checked_goal(goal, "extend.draft_until")
+        self._checked_window(window_id, "extend.window_id")
         self.windows.append((self.goal, window_id))
         self.goal = goal
 
@@ -77,6 +97,7 @@ class DraftSession:
             raise ProtocolError(f"rollback.append_ids reach position {keep + len(append_ids)}; "
                                 f"the model takes {self.max_positions}")
         check_ids(append_ids, self.seq.model.config.vocab_size, "rollback.append_ids")
+        self._checked_window(window_id, "rollback.window_id")
         self.seq.truncate(keep)
         self.seq.extend(append_ids)
         self.windows = [(len(self.seq), window_id)]
@@ -99,4 +120,5 @@ class DraftSession:
             token = q.sample(uniform(self.sampling.seed, position, DRAFT))
         self.seq.extend([token])
         return Proposal(self.window_of(position), position, token, f.forward_ns,
-                        f.started_unix_ns, f.input_tokens, q)
+                        f.started_unix_ns, f.input_tokens, q, f.batch_rows, f.batch_tokens,
+                        f.queue_ns)

@@ -9,7 +9,14 @@ import grpc
 from draft_service.drafter import DraftSession, Proposal, ProtocolError
 from draft_service.replay import Replay
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
+from specdec.engine import (
+    DEFAULT_KV_CACHE_TOKENS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    Engine,
+    describe_engine,
+)
 from specdec.kv import Aborted
+from specdec.kv_store import StoreFull
 from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, idle_get
 from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
@@ -23,23 +30,34 @@ def to_pb(p: Proposal) -> pearl_pb2.DraftResponse:
     return pearl_pb2.DraftResponse(proposal=pearl_pb2.DraftProposal(
         window_id=p.window_id, position=p.position, token_id=p.token_id,
         forward_ns=p.forward_ns, started_unix_ns=p.started_unix_ns, input_tokens=p.input_tokens,
-        q=dist_to_pb(p.q) if p.q is not None else None))
+        q=dist_to_pb(p.q) if p.q is not None else None, batch_rows=p.batch_rows,
+        batch_tokens=p.batch_tokens, queue_ns=p.queue_ns))
 
 
 class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
     telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
     idle_s = DEFAULT_IDLE_S  # a session that hears nothing this long is closed (0: never)
 
-    def __init__(self, loaded, q_tail: float = 1e-4, replay: Replay | None = None):
+    def __init__(self, loaded, q_tail: float = 1e-4, replay: Replay | None = None,
+                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS):
         self.loaded = loaded
         self.q_tail = q_tail
         self.replay = replay  # a benchmarking draft (draft_service/replay.py), normally None
-        self.runner = ModelRunner("draft")
+        # one batched forward per step over every session's draft step (specdec/engine.py)
+        self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "draft")
+        self.runner = ModelRunner("draft", max_sessions or 256)
         self.live = 0
         self.aborted = 0  # draft forwards stopped early because their token went stale
 
     async def GetModelInfo(self, request, context):
-        return model_info(self.loaded, self.live)
+        return model_info(self.loaded, self.live, self.engine)
+
+    async def close(self) -> None:
+        """Stop the session workers and the engine (after the server has drained)."""
+        self.runner.close()
+        self.engine.close()
 
     async def Draft(self, request_iterator, context):
         inbox: asyncio.Queue = asyncio.Queue()
@@ -77,6 +95,8 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
                         session = self.apply(session, req)
                     except ProtocolError as e:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    except StoreFull as e:
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
                     if req.WhichOneof("kind") == "start":
                         dtrace = self.telemetry.draft_session(req.start)
                     elif dtrace is not None:
@@ -89,12 +109,16 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
                 except Aborted:  # a rollback or stop is waiting in the inbox
                     self.aborted += 1
                     continue
+                except StoreFull as e:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
                 if dtrace is not None:
                     dtrace.proposal(proposal)
                 yield to_pb(proposal)
         finally:
             if dtrace is not None:
                 dtrace.close()
+            if session is not None:
+                session.close()
             self.live -= 1
             pump_task.cancel()
 
@@ -113,7 +137,7 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
             max_pos = self.loaded.model.config.max_position_embeddings
             prompt = list(s.prompt_ids)
             replay = self.replay.session(prompt) if self.replay is not None else None
-            return DraftSession(self.loaded.model, prompt, s.window_id, s.draft_until, max_pos,
+            return DraftSession(self.engine, prompt, s.window_id, s.draft_until, max_pos,
                                 sampling, self.q_tail, replay)
         if session is None:
             raise ProtocolError(f"{kind} before start")
@@ -129,14 +153,18 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
 
 async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4,
                 tls: ServerTLS | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                idle_s: float = DEFAULT_IDLE_S, replay: Replay | None = None
+                idle_s: float = DEFAULT_IDLE_S, replay: Replay | None = None,
+                kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
+                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
                 ) -> tuple[Server, DraftServicer]:
-    servicer = DraftServicer(loaded, q_tail, replay)
+    servicer = DraftServicer(loaded, q_tail, replay, kv_cache_tokens, max_batch_tokens,
+                             max_sessions)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
                     label="draft service", max_sessions=max_sessions)
     pearl_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.grpc)
     await server.start(port, host, tls.credentials() if tls else None)
-    log.info("draft service on port %d (%s%s)", server.port, loaded.name,
+    log.info("draft service on port %d (%s; %s%s)", server.port, loaded.name,
+             describe_engine(servicer.engine),
              f"; replaying {replay.path} at acceptance {replay.acceptance}" if replay else "")
     return server, servicer

@@ -4,6 +4,8 @@
 serve (every role):   --tls-cert --tls-key [--tls-ca]    TLS on the port; with a CA, mutual TLS
                       --max-sessions N                    concurrent sessions (RESOURCE_EXHAUSTED)
 serve draft/target:   --session-idle-s S                  close sessions silent this long
+                      --kv-cache-tokens N                 KV store slots of all sessions
+                      --max-batch-tokens N                tokens fed per engine step
 serve coordinator:    --backend-tls-ca [--backend-tls-cert --backend-tls-key]
                                                           TLS (mTLS) towards draft and target
                       --auth-token T | PEARL_AUTH_TOKEN   bearer token on the client API
@@ -21,6 +23,7 @@ from specdec.defaults import (
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_MAX_SESSIONS,
 )
+from specdec.defaults import DEFAULT_KV_CACHE_TOKENS, DEFAULT_MAX_BATCH_TOKENS
 
 
 def _env(name: str, default=None):
@@ -47,6 +50,14 @@ def add_serve_flags(p) -> None:
     g.add_argument("--session-idle-s", type=float,
                    default=float(_env("SESSION_IDLE_S", DEFAULT_IDLE_S)),
                    help="draft/target: close a session that hears nothing this long (0 = never)")
+    g.add_argument("--kv-cache-tokens", type=int,
+                   default=int(_env("KV_CACHE_TOKENS", DEFAULT_KV_CACHE_TOKENS)),
+                   help="draft/target: token slots of the KV store shared by all sessions; a "
+                        "session that finds it full is refused with RESOURCE_EXHAUSTED")
+    g.add_argument("--max-batch-tokens", type=int,
+                   default=int(_env("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)),
+                   help="draft/target: tokens fed per engine step, all sessions together "
+                        "(longer prefills are fed in chunks)")
     g.add_argument("--max-prompt-tokens", type=int,
                    default=int(_env("MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS)),
                    help="coordinator: longest prompt accepted")
@@ -66,7 +77,8 @@ def serve_kwargs(a) -> dict:
     kw = dict(tls=ServerTLS.from_flags(a.tls_cert, a.tls_key, a.tls_ca),
               max_sessions=a.max_sessions)
     if a.role in ("draft", "target"):
-        kw["idle_s"] = a.session_idle_s
+        kw.update(idle_s=a.session_idle_s, kv_cache_tokens=a.kv_cache_tokens,
+                  max_batch_tokens=a.max_batch_tokens)
     else:
         kw.update(backend_tls=ClientTLS.from_flags(a.backend_tls_ca, a.backend_tls_cert,
                                                    a.backend_tls_key),

@@ -63,8 +63,11 @@ class Forward:
     logits: torch.Tensor  # [keep, vocab] float32: logits[i] predicts position start + i
     start: int  # position predicted by logits[0]
     input_tokens: int  # tokens fed in this pass
-    forward_ns: int  # duration of the pass
+    forward_ns: int  # duration of the pass (of the engine steps it took part in)
     started_unix_ns: int  # wall-clock start of the pass
+    batch_rows: int = 1  # sessions in the (last) engine step that ran it
+    batch_tokens: int = 0  # tokens fed in that step, all sessions together
+    queue_ns: int = 0  # time spent waiting for a step
 
 
 class CachedSequence:

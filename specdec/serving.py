@@ -2,6 +2,7 @@
 channel options and clean shutdown. No servicer lives here."""
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,23 +12,58 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specdec.limits import CallGuard
+from specdec.limits import CallGuard, LoadReporter
+from specdec.readable import ReadableRequests
 
 T = TypeVar("T")
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a tokenizer.json (~7 MB for Qwen) fits in ModelInfo
-CHANNEL_OPTIONS = [
+_MESSAGE_SIZES = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
 ]
+# One keepalive policy for both ends of every connection (clients: CHANNEL_OPTIONS, servers:
+# SERVER_OPTIONS). PEARL_KEEPALIVE_S shortens it for tests; the same value must reach every
+# process, or a client may ping more often than its server allows.
+KEEPALIVE_S = float(os.environ.get("PEARL_KEEPALIVE_S", 30))
+KEEPALIVE_TIMEOUT_S = 20.0  # a peer that does not answer a ping this long is dead
+
+
+def keepalive_options(period_s: float) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(client, server) channel arguments of one policy: both ends ping every ``period_s``, also
+    while idle and through a call on which nothing flows (a long prefill); a server accepts a
+    peer's pings down to half that period, so timer jitter never counts as abuse.
+
+    gRPC's defaults do not fit a 30 s client ping: a server counts pings more frequent than one
+    per 5 minutes on a connection that sends no data as strikes and answers the third with
+    GOAWAY ``too_many_pings``, which ends every stream on the connection; and a client stops
+    pinging after two pings without data, so a long silent call was not watched at all."""
+    ms = max(1, int(period_s * 1000))
+    both = [("grpc.keepalive_time_ms", ms),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1)]
+    client = [*both, ("grpc.http2.max_pings_without_data", 0)]
+    server = [*both, ("grpc.http2.min_ping_interval_without_data_ms", max(1, ms // 2)),
+              ("grpc.http2.max_ping_strikes", 2)]
+    return client, server
+
+
+_CLIENT_KEEPALIVE, _SERVER_KEEPALIVE = keepalive_options(KEEPALIVE_S)
+CHANNEL_OPTIONS = [*_MESSAGE_SIZES, *_CLIENT_KEEPALIVE]
+SERVER_OPTIONS = [*_MESSAGE_SIZES, *_SERVER_KEEPALIVE]
 
 
 class ModelRunner:
-    """Runs forward passes on one worker thread so streams stay responsive; one per model."""
+    """Runs session calls (which wait on the model's engine) off the event loop.
 
-    def __init__(self, name: str):
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
+    One worker per concurrent session at most: each call blocks its worker until the engine
+    (specdec/engine.py) has run the step that holds its forward, so the pool must be as wide as
+    the sessions that may wait at once, or one session's wait would hold back another's.
+    """
+
+    def __init__(self, name: str, workers: int = 1):
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers),
+                                       thread_name_prefix=f"{name}-session")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -43,13 +79,18 @@ class Server:
                  label: str = "service", max_sessions: int = 0):
         # Counts and bounds the sessions (streaming calls) and refuses new ones while draining.
         self.guard = CallGuard(service_names, label, max_sessions)
-        self.grpc = grpc.aio.server(options=CHANNEL_OPTIONS,
-                                    interceptors=[*interceptors, self.guard])
+        # Innermost, ReadableRequests parses the request messages (specdec/readable.py).
+        self.grpc = grpc.aio.server(options=SERVER_OPTIONS,
+                                    interceptors=[*interceptors, self.guard, ReadableRequests()])
         self.health = health.aio.HealthServicer()
         self.service_names = service_names
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        from protos.v1 import pearl_pb2, pearl_pb2_grpc  # GetLoad: coordinator/replicas.py
+
+        pearl_pb2_grpc.add_LoadReportServicer_to_server(LoadReporter(self.guard), self.grpc)
         reflection.enable_server_reflection(
             [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             pearl_pb2.DESCRIPTOR.services_by_name["LoadReport"].full_name,
              reflection.SERVICE_NAME], self.grpc)
         self.port = 0
 
@@ -113,8 +154,8 @@ def wait_healthy(address: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def model_info(loaded: Any, live_sessions: int) -> Any:
-    """ModelInfoResponse for a loaded model (see specdec.models.LoadedModel)."""
+def model_info(loaded: Any, live_sessions: int, engine: Any = None) -> Any:
+    """ModelInfoResponse for a loaded model (see specdec.models.LoadedModel) and its engine."""
     from protos.v1 import pearl_pb2
 
     model, tok = loaded.model, loaded.tokenizer
@@ -128,7 +169,18 @@ def model_info(loaded: Any, live_sessions: int) -> Any:
         device=loaded.device.type,
         dtype=str(loaded.dtype).removeprefix("torch."),
         live_sessions=live_sessions,
+        **(engine_info(engine) if engine is not None else {}),
     )
+
+
+def engine_info(engine: Any) -> dict:
+    """The ModelInfoResponse fields that describe a specdec.engine.Engine."""
+    store = engine.store
+    return dict(engine="batched" if engine.batched else "transformers",
+                kv_cache_tokens=store.tokens if store else 0,
+                kv_free_tokens=store.free_tokens if store else 0,
+                kv_bytes_per_token=engine.kv_bytes_per_token,
+                max_batch_tokens=engine.max_batch_tokens)
 
 
 def eos_token_ids(model: Any) -> list[int]:

@@ -14,36 +14,47 @@ that token the walk moves to it, otherwise the chosen token becomes the next roo
 tokens are therefore exactly what the model alone would produce, greedy or seeded sampling. The
 KV cache is cut back to the prefix plus the walked nodes (compaction), and the drafts of the
 last walked node seed the next tree.
+
+The tree runs as one row of the target's batched engine step (specdec/batch_forward.py: a row
+with a tree mask and pseudo tokens from layer L on), beside other sessions' verify windows.
 """
 
 from __future__ import annotations
 
-import time
 import torch
 
 from specdec.acceptance import choose
+from specdec.batch_forward import Pseudo
+from specdec.engine import Engine, engine_for
 from specdec.kv import ProtocolError, check_prompt
 from specdec.sampling import Sampling
-from target_service.transfer import TransferLayers, TreeKV, logits, tree_forward
+from target_service.transfer import TransferLayers, tree_masks
 from target_service.verifier import Verdict
 
 
 class HiddenTransferSession:
-    def __init__(self, model: torch.nn.Module, transfer: TransferLayers,
+    def __init__(self, model: torch.nn.Module | Engine, transfer: TransferLayers,
                  paths: list[tuple[int, ...]], prompt_ids: list[int], max_positions: int,
                  sampling: Sampling = Sampling()):
-        check_prompt(prompt_ids, model.config.vocab_size, max_positions)
+        engine = engine_for(model)
+        if not engine.batched:
+            raise ValueError("hidden transfer runs on the batched engine: Llama-family models "
+                             f"only, not {engine.model.config.model_type}")
+        check_prompt(prompt_ids, engine.model.config.vocab_size, max_positions)
         if transfer.k < max((len(p) for p in paths), default=0):
             raise ValueError(f"tree paths reach depth {max(len(p) for p in paths)}; "
                              f"the transfer layers draft k={transfer.k}")
-        self.model, self.transfer, self.paths = model, transfer, paths
+        self.transfer, self.paths = transfer, paths
         self.k = max((len(p) for p in paths), default=1)  # pseudo tokens the tree needs
         self.max_positions = max_positions
         self.sampling = sampling
-        self.ids = list(prompt_ids)  # committed; ids[-1] is the root once started
-        self.kv = TreeKV(model.config.num_hidden_layers)
-        self.drafts: torch.Tensor | None = None  # [k, hidden]: the root's pseudo states
+        self.seq = engine.sequence(prompt_ids, "verify")
+        self.ids = self.seq.ids  # committed; ids[-1] is the root (not fed yet) once started
+        self.drafts: torch.Tensor | None = None  # [k, vocab]: the root's draft logits
         self.started = False
+
+    def close(self) -> None:
+        self.seq.close()
 
     def start(self, first_token: bool = True) -> Verdict:
         if not first_token:
@@ -61,22 +72,23 @@ class HiddenTransferSession:
                 f"window.position={position} but the committed length is {len(self.ids)}")
         return self.step()
 
-    @torch.inference_mode()
     def prefill(self) -> Verdict:
-        """Prefill the prompt with pseudo tokens under its last token; choose the first token."""
+        """Prefill the prompt, its last token as a lone root with pseudo tokens under it;
+        choose the first token."""
         if self.started:
             raise ProtocolError("start sent twice on one stream")
         n = len(self.ids)
-        clock = Clock()
-        out = self._forward(self.ids, list(range(-1, n - 1)), list(range(n)), [n - 1])
-        self.kv.keep(list(range(n)))
-        token = choose(logits(self.model, out.nodes[-1]), self.sampling, n)
-        self.ids.append(token)
-        self.drafts = out.pseudo[0]
+        fill = self.seq.fill(n - 1) if n > 1 else None  # plain (chunked) prefill of the rest
+        position = len(self.ids)
+        v = self._tree_step([], first=True)  # the root alone: the prompt's last token
+        if fill is not None:
+            v.forward_ns += fill.forward_ns
+            v.queue_ns += fill.queue_ns
+            v.input_tokens += fill.input_tokens
+        v.position = position
         self.started = True
-        return Verdict(n, 0, 0, token, len(self.ids), *clock.stop(out.nodes, n + self.k))
+        return v
 
-    @torch.inference_mode()
     def step(self) -> Verdict:
         """One forward over the tree under the root; commit the walked path and the next token."""
         if not self.started:
@@ -86,16 +98,23 @@ class HiddenTransferSession:
             raise ProtocolError(f"the sequence has reached the model's {self.max_positions} "
                                 "positions")
         depth_room = self.max_positions - 1 - root_pos  # nodes must stay inside the context
-        paths = [p for p in self.paths if len(p) <= depth_room]
-        clock = Clock()  # the step's time: the LM-head passes around the forward count too
+        return self._tree_step([p for p in self.paths if len(p) <= depth_room])
+
+    @torch.inference_mode()
+    def _tree_step(self, paths: list[tuple[int, ...]], first: bool = False) -> Verdict:
+        root_pos = len(self.ids) - 1
         tokens, parents, depths = self._tree(paths)
-        out = self._forward(tokens, parents, depths, list(range(len(tokens))))
-        # one LM-head pass for every node the walk may visit: the head reads the largest matrix
-        # of the model, and a pass per visited node cost ~30 ms each on one CPU thread
-        node_logits = logits(self.model, out.nodes)  # [n, vocab]
+        n, k, P = len(tokens), self.k, self.seq.cached
+        low, high = tree_masks(parents, P, list(range(n)), k)
+        # one LM-head pass for every node and every pseudo token: the walk needs the nodes',
+        # the next tree the walked node's pseudo tokens' (the head is the costliest matrix)
+        keep = list(range(n * (1 + k)))
+        f = self.seq.tree(tokens, [P + d for d in depths], low, keep,
+                          Pseudo(self.transfer, list(range(n)), k, high), prefill=first)
+        node_logits, pseudo_logits = f.logits[:n], f.logits[n:].view(n, k, -1)
 
         children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
-        for j in range(1, len(tokens)):
+        for j in range(1, n):
             children.setdefault((parents[j], tokens[j]), j)
         node, walked, accepted = 0, [0], []
         while True:
@@ -106,14 +125,15 @@ class HiddenTransferSession:
             node = child
             walked.append(node)
             accepted.append(token)
-        self.kv.keep(walked)
+        self.seq.compact(walked)
         position = len(self.ids)
         self.ids.extend(accepted + [token])
-        self.drafts = out.pseudo[node]
+        self.drafts = pseudo_logits[node]
         drafted = max((len(p) for p in paths), default=0)
-        fed = len(tokens) * (1 + self.k)  # every node and its pseudo tokens
-        return Verdict(position, drafted, len(accepted), token, len(self.ids),
-                       *clock.stop(node_logits, fed), accepted_ids=accepted)
+        v = Verdict(position, drafted, len(accepted), token, len(self.ids),
+                    accepted_ids=accepted).timed(f)
+        v.input_tokens = n * (1 + k)  # every node and its pseudo tokens
+        return v
 
     def _tree(self, paths: list[tuple[int, ...]]) -> tuple[list[int], list[int], list[int]]:
         """Tokens, parent indices and depths of the root and one node per rank path."""
@@ -121,7 +141,7 @@ class HiddenTransferSession:
         depth_max = max((len(p) for p in paths), default=0)
         top: list[list[int]] = []
         if depth_max:  # [depth, need] candidate ids from the root's draft distributions
-            top = logits(self.model, self.drafts[:depth_max]).topk(need, dim=-1).indices.tolist()
+            top = self.drafts[:depth_max].topk(need, dim=-1).indices.tolist()
         tokens, parents, depths = [self.ids[-1]], [-1], [0]
         index = {(): 0}
         for p in paths:  # shortest first, so a parent is always placed before its children
@@ -130,20 +150,3 @@ class HiddenTransferSession:
             parents.append(index[p[:-1]])
             depths.append(len(p))
         return tokens, parents, depths
-
-    def _forward(self, tokens, parents, depths, pseudo_for):
-        return tree_forward(self.model, self.transfer, self.kv, tokens, parents, depths,
-                            pseudo_for, self.k)
-
-
-class Clock:
-    """The duration of one step as the Verdict reports it: (forward_ns, started_unix_ns, fed)."""
-
-    def __init__(self):
-        self.started_unix_ns = time.time_ns()
-        self.t0 = time.perf_counter_ns()
-
-    def stop(self, last: torch.Tensor, fed: int) -> tuple[int, int, int]:
-        if last.device.type == "cuda":  # the step's kernels must be done before the clock stops
-            torch.cuda.synchronize(last.device)
-        return time.perf_counter_ns() - self.t0, self.started_unix_ns, fed

@@ -6,6 +6,13 @@ import grpc
 
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
 from specdec.defaults import DEFAULT_TREE_NODES
+from specdec.engine import (
+    DEFAULT_KV_CACHE_TOKENS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    Engine,
+    describe_engine,
+)
+from specdec.kv_store import StoreFull
 from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, idle_limited
 from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
@@ -24,7 +31,8 @@ def to_pb(v: Verdict, window_id: int, phase: str) -> pearl_pb2.VerifyResponse:
         token_id=v.token_id if v.token_id is not None else 0, has_token=v.token_id is not None,
         committed=v.committed, forward_ns=v.forward_ns, started_unix_ns=v.started_unix_ns,
         window_id=window_id, phase=phase, input_tokens=v.input_tokens,
-        accepted_ids=v.accepted_ids))
+        accepted_ids=v.accepted_ids, batch_rows=v.batch_rows, batch_tokens=v.batch_tokens,
+        queue_ns=v.queue_ns))
 
 
 class Unavailable(Exception):
@@ -36,9 +44,14 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
     idle_s = DEFAULT_IDLE_S  # a session that hears nothing this long is closed (0: never)
 
     def __init__(self, loaded, transfer: Transfer | None = None,
-                 tree_nodes: int = DEFAULT_TREE_NODES):
+                 tree_nodes: int = DEFAULT_TREE_NODES,
+                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS):
         self.loaded = loaded
-        self.runner = ModelRunner("target")
+        # one batched forward per step over every session's work (specdec/engine.py)
+        self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "target")
+        self.runner = ModelRunner("target", max_sessions or 256)
         self.live = 0
         self.transfer = transfer
         if transfer is not None:
@@ -54,9 +67,14 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
         return f"layer {t.layer}, k {t.k}, rank {t.rank}, {len(self.paths)} tree nodes"
 
     async def GetModelInfo(self, request, context):
-        info = model_info(self.loaded, self.live)
+        info = model_info(self.loaded, self.live, self.engine)
         info.hidden_transfer = self.describe_transfer()
         return info
+
+    async def close(self) -> None:
+        """Stop the session workers and the engine (after the server has drained)."""
+        self.runner.close()
+        self.engine.close()
 
     def open(self, start: pearl_pb2.VerifyStart) -> TargetSession | HiddenTransferSession:
         try:
@@ -69,9 +87,9 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
             if self.transfer is None:
                 raise Unavailable("start.hidden_transfer: this target service has no transfer "
                                   "layers (pearl transfer train, then serve with --transfer)")
-            return HiddenTransferSession(model, self.transfer.layers, self.paths, prompt,
+            return HiddenTransferSession(self.engine, self.transfer.layers, self.paths, prompt,
                                          max_positions, sampling)
-        return TargetSession(model, prompt, max_positions, sampling)
+        return TargetSession(self.engine, prompt, max_positions, sampling)
 
     async def Verify(self, request_iterator, context):
         session: TargetSession | None = None
@@ -112,24 +130,31 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 except Unavailable as e:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+                except StoreFull as e:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
                 except ValueError as e:  # e.g. a draft token outside its q
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window: {e}")
         finally:
             if ttrace is not None:
                 ttrace.close()
+            if session is not None:
+                session.close()
             self.live -= 1
 
 
 async def serve(loaded, port: int, host: str = "[::]", tls: ServerTLS | None = None,
                 max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S,
-                transfer: Transfer | None = None, tree_nodes: int = DEFAULT_TREE_NODES
+                transfer: Transfer | None = None, tree_nodes: int = DEFAULT_TREE_NODES,
+                kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
+                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
                 ) -> tuple[Server, TargetServicer]:
-    servicer = TargetServicer(loaded, transfer, tree_nodes)
+    servicer = TargetServicer(loaded, transfer, tree_nodes, kv_cache_tokens, max_batch_tokens,
+                              max_sessions)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
                     label="target service", max_sessions=max_sessions)
     pearl_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server.grpc)
     await server.start(port, host, tls.credentials() if tls else None)
-    log.info("target service on port %d (%s%s)", server.port, loaded.name,
-             f"; hidden transfer: {servicer.describe_transfer()}" if transfer else "")
+    log.info("target service on port %d (%s; %s%s)", server.port, loaded.name,
+             describe_engine(servicer.engine), f"; hidden transfer: {servicer.describe_transfer()}" if transfer else "")
     return server, servicer

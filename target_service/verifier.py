@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.acceptance import choose, judge
-from specdec.kv import CachedSequence, ProtocolError, check_ids, check_prompt
+from specdec.engine import Engine, engine_for
+from specdec.kv import Forward, ProtocolError, check_ids, check_prompt
 from specdec.sampling import Sampling, WireDist
 
 
@@ -27,15 +28,26 @@ class Verdict:
     started_unix_ns: int = 0
     input_tokens: int = 0  # 0: no forward pass ran
     accepted_ids: list[int] = field(default_factory=list)  # Hidden Transfer: its own drafts kept
+    batch_rows: int = 0  # sessions in the engine step of the forward pass (0: none ran)
+    batch_tokens: int = 0  # tokens fed in that step
+    queue_ns: int = 0  # time the forward waited for its step
+
+    def timed(self, f: Forward) -> "Verdict":
+        """This verdict with the timing of the forward pass ``f``."""
+        self.forward_ns, self.started_unix_ns, self.input_tokens = (
+            f.forward_ns, f.started_unix_ns, f.input_tokens)
+        self.batch_rows, self.batch_tokens, self.queue_ns = f.batch_rows, f.batch_tokens, f.queue_ns
+        return self
 
 
 class TargetSession:
-    def __init__(self, model: torch.nn.Module, prompt_ids: list[int], max_positions: int,
-                 sampling: Sampling = Sampling()):
-        check_prompt(prompt_ids, model.config.vocab_size, max_positions)
+    def __init__(self, model: torch.nn.Module | Engine, prompt_ids: list[int],
+                 max_positions: int, sampling: Sampling = Sampling()):
+        engine = engine_for(model)
+        check_prompt(prompt_ids, engine.model.config.vocab_size, max_positions)
         self.max_positions = max_positions
         self.sampling = sampling
-        self.seq = CachedSequence(model, prompt_ids)
+        self.seq = engine.sequence(prompt_ids, "verify")
         self.held: torch.Tensor | None = None  # logits [vocab] of position len(seq), if kept
         self.started = False
 
@@ -50,8 +62,11 @@ class TargetSession:
             self.seq.extend([token])
         else:
             self.held = f.logits[-1]
-        return Verdict(position, 0, 0, token, len(self.seq), f.forward_ns, f.started_unix_ns,
-                       f.input_tokens)
+        return Verdict(position, 0, 0, token, len(self.seq)).timed(f)
+
+    def close(self) -> None:
+        """Give the session's KV slots back to the engine."""
+        self.seq.close()
 
     def verify(self, position: int, draft: list[int], qs: list[WireDist], bonus: bool,
                held: bool) -> Verdict:
@@ -66,7 +81,7 @@ class TargetSession:
             accepted, token = judge(self.held[None], draft, qs, self.sampling, position, False)
             self.held = None
             self.seq.extend(draft if accepted else [token])  # committed, not yet fed
-            timing = (0, 0, 0)
+            f = None
         else:
             self.seq.extend(draft)
             if self.held is not None:  # position's logits are kept: feed only the draft
@@ -76,14 +91,14 @@ class TargetSession:
             else:  # feed the last committed token too: logits[i] predicts position + i
                 f = self.seq.forward(keep=len(draft) + 1)
                 logits = f.logits
-            timing = (f.forward_ns, f.started_unix_ns, f.input_tokens)
             accepted, token = judge(logits, draft, qs, self.sampling, position, bonus)
             self.seq.truncate(position + accepted)
             if token is not None:
                 self.seq.extend([token])
             else:  # all accepted and no bonus: keep the next position's distribution
                 self.held = logits[-1]
-        return Verdict(position, len(draft), accepted, token, len(self.seq), *timing)
+        v = Verdict(position, len(draft), accepted, token, len(self.seq))
+        return v.timed(f) if f is not None else v
 
     def _check(self, position: int, draft: list[int], qs: list[WireDist], held: bool) -> None:
         if not self.started:

@@ -180,7 +180,7 @@ def test_rollback_aborts_the_stale_draft_step(tiny_target):
     from specdec.models import noisy_copy
 
     slow = noisy_copy(tiny_target, 3, 0.05)
-    slow.model.model.layers[0].register_forward_hook(lambda *a: time.sleep(1.0))
+    slow.model.model.layers[0].mlp.register_forward_hook(lambda *a: time.sleep(1.0))
     c = Cluster(slow, tiny_target)
     try:
         L = len(PROMPT)

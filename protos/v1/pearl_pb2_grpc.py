@@ -357,3 +357,78 @@ class Coordinator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class LoadReportStub:
+    """The load report of any PEARL server (draft, target or coordinator).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetLoad = channel.unary_unary(
+                '/pearl.v1.LoadReport/GetLoad',
+                request_serializer=protos_dot_v1_dot_pearl__pb2.LoadRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_pearl__pb2.LoadResponse.FromString,
+                _registered_method=True)
+
+
+class LoadReportServicer:
+    """The load report of any PEARL server (draft, target or coordinator).
+    """
+
+    def GetLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LoadReportServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=protos_dot_v1_dot_pearl__pb2.LoadRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_pearl__pb2.LoadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pearl.v1.LoadReport', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pearl.v1.LoadReport', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class LoadReport:
+    """The load report of any PEARL server (draft, target or coordinator).
+    """
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pearl.v1.LoadReport/GetLoad',
+            protos_dot_v1_dot_pearl__pb2.LoadRequest.SerializeToString,
+            protos_dot_v1_dot_pearl__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,195 @@
+"""One forward pass over a ragged batch: every session's new tokens in one pass over the weights.
+
+For Llama-family decoders (Qwen2, Llama, Mistral: pre-norm layers of rotary attention and a
+gated MLP). The model's own modules do the per-token math (embeddings, norms, projections, MLP,
+rotary tables, LM head); only attention is done here, per row, against that row's pages of the
+engine's KV store (specdec/kv_store.py). So a row's result does not depend on its batch-mates:
+the linear layers see a row's tokens as independent rows of one matrix, and its attention reads
+only its own prefix.
+
+Words:
+  row     one session's tokens fed in this step; they continue its cached prefix of P slots
+  slot    where a fed token's K/V goes in the session's store: P, P+1, ... in feed order
+  rope    a token's position for the rotary embedding: its slot, except in tree rows
+  mask    which new tokens a new token sees (all P cached ones always): causal, or a tree
+  pseudo  Hidden Transfer (target_service/hidden_transfer.py): from layer L on, a tree row also
+          carries k made-up tokens under some of its nodes, made by the transfer maps from the
+          node's layer-L input; they get slots after the row's real tokens, in layers >= L only
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from specdec.kv_store import KVStore, Slots
+
+FAMILY = ("qwen2", "llama", "mistral")
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """True when ``model`` is a decoder this module can run (else: transformers' own forward)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in FAMILY:
+        return False
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return False
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers is not None and all(hasattr(layer.self_attn, "q_proj") for layer in layers)
+
+
+def store_for(model: torch.nn.Module, tokens: int) -> KVStore:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    p = next(model.parameters())
+    return KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, tokens, p.dtype,
+                   p.device)
+
+
+@dataclass
+class Pseudo:
+    """Hidden Transfer's extra tokens for a tree row (see the module docstring)."""
+
+    transfer: torch.nn.Module  # TransferLayers: h [g, hidden] -> [g, k_all, hidden]
+    under: list[int]  # node indices that get pseudo tokens
+    k: int  # pseudo tokens per node
+    high: torch.Tensor  # [n + g*k, P + n + g*k] bool: the mask for layers >= transfer.layer
+
+
+@dataclass
+class Row:
+    slots: Slots
+    tokens: list[int]
+    keep: list[int]  # indices (into tokens, then pseudo tokens) whose logits are wanted
+    rope: list[int] | None = None  # None: slots P, P+1, ...
+    mask: torch.Tensor | None = None  # [n, P + n] bool; None: causal
+    pseudo: Pseudo | None = None
+    abort: threading.Event | None = None  # set: the row leaves the pass at the next layer
+    out: torch.Tensor | None = field(default=None, repr=False)  # [len(keep), vocab] float32
+    aborted: bool = False
+
+    def positions(self) -> list[int]:
+        p = self.slots.cached
+        return self.rope if self.rope is not None else list(range(p, p + len(self.tokens)))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, hd]; cos, sin [T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class _Batch:
+    """The live rows' hidden states as one [T, hidden] matrix, with each row's span in it."""
+
+    def __init__(self, rows: list[Row], h: torch.Tensor, pos: torch.Tensor):
+        self.rows, self.h, self.pos = rows, h, pos
+        self.spans: list[tuple[int, int]] = []
+        a = 0
+        for r in rows:
+            n = self.width(r)
+            self.spans.append((a, a + n))
+            a += n
+
+    @staticmethod
+    def width(r: Row) -> int:
+        return len(r.tokens) + (len(r.pseudo.under) * r.pseudo.k if getattr(r, "_grown", False)
+                                else 0)
+
+    def select(self, keep: list[int]) -> _Batch:
+        idx = torch.cat([torch.arange(*self.spans[i], device=self.h.device) for i in keep])
+        return _Batch([self.rows[i] for i in keep], self.h[idx], self.pos[idx])
+
+
+@torch.inference_mode()
+def forward(model: torch.nn.Module, store: KVStore, rows: list[Row]) -> None:
+    """Run ``rows`` through the model; fill each row's ``out`` (or set ``aborted``).
+
+    Each row's K/V are written to its slots P.. (its ``slots.cached`` stays as it was: the caller
+    commits the length). Rows whose abort event is set leave at the next decoder layer.
+    """
+    m, cfg = model.model, model.config
+    dev = store.device
+    ids = torch.tensor([t for r in rows for t in r.tokens], device=dev)
+    pos = torch.tensor([p for r in rows for p in r.positions()], device=dev)
+    for r in rows:
+        r._grown = False
+        extra = len(r.pseudo.under) * r.pseudo.k if r.pseudo else 0
+        store.reserve(r.slots, r.slots.cached + len(r.tokens) + extra)
+    b = _Batch(rows, m.embed_tokens(ids), pos)
+    heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    pseudo_layer = next((r.pseudo.transfer.layer for r in rows if r.pseudo), None)
+    mask_of = {id(r): _mask(r, dev) for r in rows}
+    for li, layer in enumerate(m.layers):
+        gone = [i for i, r in enumerate(b.rows) if r.abort is not None and r.abort.is_set()]
+        if gone:
+            for i in gone:
+                b.rows[i].aborted = True
+            if len(gone) == len(b.rows):
+                return
+            b = b.select([i for i in range(len(b.rows)) if i not in gone])
+        if li == pseudo_layer:
+            b = _grow(b, mask_of)
+        cos, sin = m.rotary_emb(b.h[None], b.pos[None])
+        cos, sin = cos[0], sin[0]
+        x = layer.input_layernorm(b.h)
+        at = layer.self_attn
+        T = x.shape[0]
+        q = _rope(at.q_proj(x).view(T, heads, hd), cos, sin)
+        k = _rope(at.k_proj(x).view(T, kvh, hd), cos, sin)
+        v = at.v_proj(x).view(T, kvh, hd)
+        outs = []
+        for r, (a, e) in zip(b.rows, b.spans):
+            P = r.slots.cached
+            store.write(li, r.slots, P, k[a:e], v[a:e])
+            K, V = store.read(li, r.slots, P + e - a)
+            mk = mask_of[id(r)]
+            o = F.scaled_dot_product_attention(
+                q[a:e].transpose(0, 1)[None], K[None], V[None],
+                attn_mask=None if mk is None else mk[None, None], enable_gqa=kvh != heads,
+                scale=at.scaling)
+            outs.append(o[0].transpose(0, 1).reshape(e - a, heads * hd))
+        h = b.h + at.o_proj(torch.cat(outs))
+        b.h = h + layer.mlp(layer.post_attention_layernorm(h))
+    h = m.norm(b.h)
+    idx = torch.tensor([a + i for r, (a, _) in zip(b.rows, b.spans) for i in r.keep],
+                       dtype=torch.long, device=dev)
+    logits = model.lm_head(h[idx]).float()  # one pass over the LM head for every row
+    n = 0
+    for r in b.rows:
+        r.out = logits[n : n + len(r.keep)]
+        n += len(r.keep)
+
+
+def _mask(r: Row, dev: torch.device) -> torch.Tensor | None:
+    """[n, P + n] bool for a row's real tokens, or None when plain causal needs none."""
+    n, P = len(r.tokens), r.slots.cached
+    if r.mask is not None:
+        return r.mask.to(dev)
+    if n == 1:
+        return None
+    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    return torch.cat([torch.ones(n, P, dtype=torch.bool, device=dev), causal], dim=1)
+
+
+def _grow(b: _Batch, mask_of: dict) -> _Batch:
+    """At layer L: append every tree row's pseudo tokens after its real tokens."""
+    hs, ps = [], []
+    for r, (a, e) in zip(b.rows, b.spans):
+        hs.append(b.h[a:e])
+        ps.append(b.pos[a:e])
+        if r.pseudo is None:
+            continue
+        pz = r.pseudo
+        under = torch.tensor(pz.under, device=b.h.device)
+        hs.append(pz.transfer(b.h[a:e][under])[:, : pz.k].reshape(-1, b.h.shape[-1]))
+        offsets = torch.arange(1, pz.k + 1, device=b.h.device)
+        ps.append((b.pos[a:e][under][:, None] + offsets).reshape(-1))
+        r._grown = True
+        mask_of[id(r)] = pz.high.to(b.h.device)
+    return _Batch(b.rows, torch.cat(hs), torch.cat(ps))

@@ -1,0 +1,359 @@
+"""The engine: one per model in a service process, one forward pass per step over all sessions.
+
+    servicer (protocol, per stream)
+      -> session (draft_service/drafter.py, target_service/verifier.py, hidden_transfer.py)
+           holds a Sequence: its token ids and its slots in the KV store
+      -> Sequence.forward() submits a Work and waits for it
+      -> Engine step loop: takes the pending works by priority under a token budget, runs one
+         ragged batched forward over them (specdec/batch_forward.py), hands each its logits
+
+Priority inside a step: verify windows (every session's critical path), then draft steps, then
+prefills. A prefill longer than the step's token budget (``max_batch_tokens``) is fed in chunks
+over several steps so a long prompt never stalls the others; a prefill that found no room for
+``STARVE_STEPS`` steps goes first. Sessions join and leave between steps: continuous batching.
+
+Models outside the Llama family run on transformers' own forward and DynamicCache, one work at
+a time (``HFSequence``): same interface, no batching.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec import batch_forward
+from specdec.batch_forward import Pseudo, Row
+from specdec.kv import Aborted, CachedSequence, Forward
+from specdec.kv_store import KVStore, Slots, StoreFull
+
+log = logging.getLogger("pearl.engine")
+
+from specdec.defaults import DEFAULT_KV_CACHE_TOKENS, DEFAULT_MAX_BATCH_TOKENS  # noqa: E402
+PRIORITY = {"verify": 0, "draft": 1, "prefill": 2}
+STARVE_STEPS = 4  # a prefill left out this many steps in a row goes first
+
+
+@dataclass
+class Work:
+    """One session's forward, waiting for (or in) a step."""
+
+    seq: Sequence
+    kind: str  # "verify", "draft" or "prefill"
+    tokens: list[int]
+    keep: list[int]  # token indices whose logits are wanted (into tokens, then pseudo tokens)
+    rope: list[int] | None = None
+    mask: torch.Tensor | None = None
+    pseudo: Pseudo | None = None
+    commit: bool = True  # advance the session's cached length by the tokens fed
+    abort: threading.Event | None = None
+    future: Future = field(default_factory=Future)
+    submitted_ns: int = field(default_factory=time.perf_counter_ns)
+    fed: int = 0  # tokens already fed (chunked prefill)
+    forward_ns: int = 0  # time of the steps this work took part in
+    waited: int = 0  # steps it was left out of
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "model"):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.model = model
+        self.name = name
+        self.batched = batch_forward.supports(model)
+        self.store: KVStore | None = (batch_forward.store_for(model, kv_cache_tokens)
+                                      if self.batched else None)
+        self.max_batch_tokens = max_batch_tokens
+        self.pending: list[Work] = []
+        self.cv = threading.Condition()
+        self.closed = False
+        self.lock = threading.Lock()  # one forward at a time on the transformers path
+        self.steps = 0
+        self.running: list[Work] = []  # the works of the step in progress
+        self.on_step: Callable[[int, int, int], None] | None = None  # (rows, tokens, step_ns)
+        self.thread: threading.Thread | None = None
+        if self.batched:
+            self.thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
+            self.thread.start()
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def sequence(self, ids: list[int], kind: str = "verify") -> Sequence | HFSequence:
+        """A new session's sequence; ``kind`` is the priority of its steps after the prefill."""
+        if not self.batched:
+            return HFSequence(self, ids)
+        if self.store.free_tokens < len(ids) + 1:
+            raise StoreFull(f"KV store full: {self.store.free_tokens} of {self.store.tokens} "
+                            f"token slots free, the prompt needs {len(ids) + 1} "
+                            "(--kv-cache-tokens); retry later")
+        return Sequence(self, ids, kind)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.store.bytes_per_token if self.store is not None else 0
+
+    def submit(self, work: Work) -> Forward:
+        """Queue ``work`` for the next step and wait for its result (called by session threads)."""
+        with self.cv:
+            if self.closed:
+                raise RuntimeError(f"the {self.name} engine is closed")
+            if work.seq.closing:
+                raise RuntimeError("the session is closed")
+            work.seq.busy = True
+            self.pending.append(work)
+            self.cv.notify()
+        return work.future.result()
+
+    def release(self, seq: Sequence) -> None:
+        """Give a session's pages back, now or, while a step of its runs, when that step ends:
+        a stream cancelled mid-step must not hand its pages to a neighbour still written to."""
+        with self.cv:
+            seq.closing = True
+            for w in [w for w in self.pending if w.seq is seq and w not in self.running]:
+                self.pending.remove(w)
+                w.future.set_exception(RuntimeError("the session is closed"))
+                seq.busy = False
+            if not seq.busy:
+                self.store.release(seq.slots)
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            for w in self.pending:
+                w.future.set_exception(RuntimeError(f"the {self.name} engine is closed"))
+            self.pending.clear()
+            self.cv.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    # -- the step loop -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.pending and not self.closed:
+                    self.cv.wait()
+                if self.closed:
+                    return
+                batch = self._take()
+                self.running = [w for w, _ in batch]
+            if batch:
+                try:
+                    self._step(batch)
+                finally:
+                    self._settle()
+
+    def _settle(self) -> None:
+        """After a step: mark finished works' sessions idle; free the pages of closed ones."""
+        with self.cv:
+            for w in self.running:
+                if w.future.done():
+                    w.seq.busy = False
+                    if w.seq.closing and w.seq.slots.pages:
+                        self.store.release(w.seq.slots)
+            self.running = []
+
+    def _take(self) -> list[tuple[Work, int]]:
+        """The works of the next step and how many tokens each feeds (under the cv lock)."""
+        for w in [w for w in self.pending if w.seq.closing]:
+            self.pending.remove(w)
+            w.future.set_exception(RuntimeError("the session is closed"))
+            w.seq.busy = False
+            self.store.release(w.seq.slots)
+        for w in [w for w in self.pending if w.abort is not None and w.abort.is_set()]:
+            self.pending.remove(w)
+            w.seq.busy = False
+            w.future.set_exception(Aborted())
+        order = sorted(self.pending, key=lambda w: (w.kind != "prefill" or w.waited
+                                                    < STARVE_STEPS, PRIORITY[w.kind],
+                                                    w.submitted_ns))
+        budget, batch = self.max_batch_tokens, []
+        for w in order:
+            left = len(w.tokens) - w.fed
+            n = left
+            if w.kind == "prefill" and w.commit and left > budget:  # a chunk; the last one
+                n = min(budget, left - len(w.keep))  # holds the kept positions
+            if n <= 0 or (n > budget and batch):
+                w.waited += 1
+                continue
+            batch.append((w, n))
+            budget -= n
+        for w, n in batch:
+            if w.fed + n == len(w.tokens):
+                self.pending.remove(w)
+        return batch
+
+    def _step(self, batch: list[tuple[Work, int]]) -> None:
+        rows: list[tuple[Work, int, Row]] = []
+        for w, n in batch:
+            final = w.fed + n == len(w.tokens)
+            extra = len(w.pseudo.under) * w.pseudo.k if w.pseudo else 0
+            try:
+                self.store.reserve(w.seq.slots, w.seq.slots.cached + n + extra)
+            except StoreFull as e:
+                self._fail(w, e)
+                continue
+            rows.append((w, n, Row(w.seq.slots, w.tokens[w.fed : w.fed + n],
+                                   w.keep if final else [], w.rope, w.mask, w.pseudo, w.abort)))
+        if not rows:
+            return
+        tokens = sum(n for _, n, _ in rows)
+        started_unix_ns = time.time_ns()
+        t0 = time.perf_counter_ns()
+        try:
+            batch_forward.forward(self.model, self.store, [r for _, _, r in rows])
+            if self.store.device.type == "cuda":
+                torch.cuda.synchronize(self.store.device)
+        except Exception as e:  # a bug or an out-of-memory: fail this step's works, go on
+            log.exception("%s engine step failed", self.name)
+            for w, _, _ in rows:
+                self._fail(w, e)
+            return
+        step_ns = time.perf_counter_ns() - t0
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(len(rows), tokens, step_ns)
+        for w, n, r in rows:
+            w.forward_ns += step_ns
+            if r.aborted:
+                self._fail(w, Aborted())
+                continue
+            if w.commit:
+                w.seq.slots.cached += n
+            w.fed += n
+            if w.fed < len(w.tokens):
+                continue  # a prefill chunk: the work stays pending
+            waited = time.perf_counter_ns() - w.submitted_ns - w.forward_ns
+            w.future.set_result(Forward(
+                r.out, w.seq.start_of(w), len(w.tokens), w.forward_ns, started_unix_ns,
+                batch_rows=len(rows), batch_tokens=tokens, queue_ns=max(0, waited)))
+
+    def _fail(self, w: Work, e: Exception) -> None:
+        with self.cv:
+            if w in self.pending:
+                self.pending.remove(w)
+        if not w.future.done():
+            w.future.set_exception(e)
+
+
+class Sequence:
+    """Token ids plus their slots in the engine's KV store (the CachedSequence interface).
+
+    ``ids[:cached]`` have their K/V in the store; ``forward`` feeds the rest. ``truncate`` is a
+    length change. ``close`` gives the pages back (the servicer calls it when the stream ends).
+    """
+
+    def __init__(self, engine: Engine, ids: list[int], kind: str):
+        self.engine = engine
+        self.model = engine.model
+        self.ids = list(ids)
+        self.kind = kind
+        self.slots = Slots()
+        self.busy = False  # a work of this session is pending or running (engine.cv guards)
+        self.closing = False
+
+    @property
+    def cached(self) -> int:
+        return self.slots.cached
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extend(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens; the store keeps at most their K/V."""
+        if n < 0 or n > len(self.ids):
+            raise ValueError(f"cannot truncate a sequence of {len(self.ids)} tokens to {n}")
+        del self.ids[n:]
+        self.slots.cached = min(self.slots.cached, n)
+
+    def start_of(self, w: Work) -> int:
+        """Position predicted by the first kept logits row of a plain work."""
+        return len(self.ids) - len(w.keep) + 1
+
+    def forward(self, keep: int = 1, abort: threading.Event | None = None) -> Forward:
+        """Feed ``ids[cached:]``; logits [keep, vocab] for the last ``keep`` fed positions.
+
+        Raises Aborted (sequence unchanged) when ``abort`` is set before the step is done."""
+        feed = self.ids[self.cached :]
+        if not feed:
+            raise ValueError("nothing to feed: the whole sequence is cached")
+        keep = min(keep, len(feed))
+        kind = "prefill" if self.cached == 0 else self.kind
+        return self.engine.submit(Work(self, kind, feed, list(range(len(feed) - keep, len(feed))),
+                                       abort=abort))
+
+    def fill(self, upto: int) -> Forward:
+        """Feed ``ids[cached:upto]`` without asking for logits (a prefill that only fills the
+        store; Hidden Transfer feeds its last prompt token as a tree root)."""
+        feed = self.ids[self.cached : upto]
+        if not feed:
+            raise ValueError("nothing to feed: the whole sequence is cached")
+        return self.engine.submit(Work(self, "prefill", feed, []))
+
+    def tree(self, tokens: list[int], rope: list[int], mask: torch.Tensor, keep: list[int],
+             pseudo: Pseudo | None, prefill: bool = False) -> Forward:
+        """Feed tree nodes after the cached prefix (Hidden Transfer); the cached length is not
+        advanced: ``compact`` keeps the accepted nodes."""
+        kind = "prefill" if prefill else "verify"
+        return self.engine.submit(Work(self, kind, tokens, keep, rope, mask, pseudo,
+                                       commit=False))
+
+    def compact(self, nodes: list[int]) -> None:
+        """Keep the given nodes of the last tree forward after the prefix, in that order."""
+        P = self.slots.cached
+        self.engine.store.move(self.slots, [P + n for n in nodes], P)
+        self.slots.cached = P + len(nodes)
+
+    def close(self) -> None:
+        self.engine.release(self)
+
+
+class HFSequence(CachedSequence):
+    """transformers' own forward and DynamicCache, one session at a time (other architectures)."""
+
+    def __init__(self, engine: Engine, ids: list[int]):
+        super().__init__(engine.model, ids)
+        self.engine = engine
+
+    def forward(self, keep: int = 1, abort: threading.Event | None = None) -> Forward:
+        with self.engine.lock:
+            return super().forward(keep, abort)
+
+    def close(self) -> None:
+        self.cache = None
+
+
+_engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_engines_lock = threading.Lock()
+
+
+def engine_for(model_or_engine: torch.nn.Module | Engine) -> Engine:
+    """``model_or_engine`` if it is an Engine, else the default engine of that model (made once;
+    used by sessions built directly on a model, as in tests and `pearl transfer`)."""
+    if isinstance(model_or_engine, Engine):
+        return model_or_engine
+    with _engines_lock:
+        engine = _engines.get(model_or_engine)
+        if engine is None:
+            engine = _engines[model_or_engine] = Engine(model_or_engine, 16_384)
+        return engine
+
+
+def describe_engine(engine: Engine) -> str:
+    """One line for the service log."""
+    if not engine.batched:
+        return "engine: transformers' forward, one session at a time (not a Llama-family model)"
+    s = engine.store
+    return (f"engine: batched, KV store {s.tokens} tokens x {s.bytes_per_token} B "
+            f"({s.tokens * s.bytes_per_token / 2**20:.0f} MiB), {engine.max_batch_tokens} "
+            "tokens per step")
