@@ -39,13 +39,19 @@ def print_stats(stats: dict) -> None:
         print(f"{'fell_back':28s} target alone: {stats.get('fallback_reason', '')}")
 
 
-TABLE = [
-    ("mode", "mode", "{}"), ("tokens/s", "tokens_per_s", "{:.2f}"),
-    ("speedup", "speedup", "{:.2f}x"), ("acceptance", "acceptance_rate", "{:.3f}"),
+# Columns of a comparison table: (heading, statistic, format). RATE_COLUMNS are the ones the
+# demo's table (TABLE, one row per mode) and the bench's (pearl/bench_report.py) share.
+RATE_COLUMNS = [
+    ("tokens/s", "tokens_per_s", "{:.2f}"), ("speedup", "speedup", "{:.2f}x"),
+    ("acceptance", "acceptance_rate", "{:.3f}"),
     ("mean accepted", "mean_accepted_tokens", "{:.2f}"),
     ("tok/target fwd", "tokens_per_target_forward", "{:.2f}"),
-    ("overlap", "overlap_ratio", "{:.3f}"), ("target idle s", "target_idle_s", "{:.2f}"),
-    ("draft idle s", "draft_idle_s", "{:.2f}"), ("new tokens", "new_tokens", "{:d}"),
+    ("overlap", "overlap_ratio", "{:.3f}"),
+]
+TABLE = [
+    ("mode", "mode", "{}"), *RATE_COLUMNS,
+    ("target idle s", "target_idle_s", "{:.2f}"), ("draft idle s", "draft_idle_s", "{:.2f}"),
+    ("new tokens", "new_tokens", "{:d}"),
 ]
 
 
