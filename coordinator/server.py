@@ -153,6 +153,13 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
                 raise InvalidRequest(f"{field}={getattr(req, field)} is out of range: 0 (server "
                                      f"default) or 1..{GAMMA_LIMIT}")
         ids = self.prompt_ids(req)
+        beyond = sorted({t for t in ids if t >= self.target_info.vocab_size})
+        if beyond:  # a tokenizer with tokens the model lacks (specdec.models.beyond_vocab)
+            raise InvalidRequest(
+                f"prompt tokenizes to ids {beyond[:5]} "
+                f"({', '.join(map(repr, self.tokenizer.convert_ids_to_tokens(beyond[:5])))}) "
+                f"beyond the target's vocabulary of {self.target_info.vocab_size}: its "
+                "tokenizer has tokens the model has no embedding for")
         if len(ids) > self.max_prompt_tokens:
             raise InvalidRequest(f"prompt has {len(ids)} tokens; this server takes at most "
                                  f"{self.max_prompt_tokens} (--max-prompt-tokens)")

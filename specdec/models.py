@@ -9,6 +9,7 @@ Qwen2 from a config in code; two seeds give a draft and a target that share one 
 from __future__ import annotations
 
 import copy
+import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DEVICES = ("cpu", "cuda")
 UNK = "<unk>"
+
+log = logging.getLogger("pearl.models")
 
 
 @dataclass
@@ -80,7 +83,7 @@ def set_threads(threads: int | None) -> None:
 
 RANDOM = "random:"  # model names `random:<shape>`: random weights in a real model's shape
 # The shapes of real models (their config.json), for timing runs on machines that cannot hold the
-# real weights (DESIGN.md section 8). One vocabulary, the Qwen2.5 tokenizer's embedding size
+# real weights (docs/design.md section 8). One vocabulary, the Qwen2.5 tokenizer's embedding size
 # (the 7B and 14B pad theirs to 152,064), so that any two make a draft/target pair.
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -150,7 +153,19 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     model = model.to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    beyond = beyond_vocab(tokenizer, model.config.vocab_size)
+    if beyond:  # e.g. an eos_token missing from the vocabulary, added by transformers at the end
+        log.warning("%s: the tokenizer has %d token(s) beyond the model's vocabulary of %d, which "
+                    "the model has no embedding for: %s; a prompt that tokenizes to them is "
+                    "refused", name, len(beyond), model.config.vocab_size,
+                    ", ".join(f"{i} {t!r}" for i, t in list(beyond.items())[:10]))
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=dev, dtype=dt)
+
+
+def beyond_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> dict[int, str]:
+    """The tokenizer's ids (added tokens included) that the model's vocabulary lacks, by id."""
+    return {i: t for t, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+            if i >= vocab_size}
 
 
 def tiny_config(

@@ -1,4 +1,4 @@
-"""TLS, mutual TLS and bearer-token authentication for the three services (DESIGN.md section 11).
+"""TLS, mutual TLS and bearer-token authentication for the services (docs/design.md section 11).
 
 Server side (every service, `pearl serve --tls-cert --tls-key [--tls-ca]`): with a certificate
 and key the port speaks TLS; with a CA as well, clients must present a certificate signed by it
@@ -90,6 +90,18 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def bearer_token(header: str | bytes) -> bytes | None:
+    """The token of an ``authorization`` value ``Bearer <token>``, else None. The scheme name is
+    case-insensitive (RFC 7235 section 2.1: ``bearer``, ``BEARER``); the token is kept exact."""
+    if isinstance(header, str):
+        header = header.encode()
+    scheme, _, token = header.partition(b" ")
+    token = token.lstrip(b" ")
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
 class TokenAuth(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED for any call without ``authorization: Bearer <token>`` (health and
     reflection excepted)."""
@@ -97,15 +109,15 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         if not token:
             raise ValueError("an empty auth token would let everyone in")
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
         got = dict(details.invocation_metadata or ()).get("authorization", "")
-        got = got.encode() if isinstance(got, str) else got
-        if hmac.compare_digest(got, self.expected):
+        token = bearer_token(got)
+        if token is not None and hmac.compare_digest(token, self.expected):
             return handler
         why = "missing" if not got else "invalid"
         return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
