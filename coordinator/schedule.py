@@ -1,4 +1,4 @@
-"""The decoding schedules: ar, sd, pearl and hidden-transfer (DESIGN.md section 4).
+"""The decoding schedules: ar, sd, pearl and hidden-transfer (docs/design.md section 4).
 
 Every schedule talks to the target through one Verify stream and (sd, pearl) to the draft through
 one Draft stream, and commits what the target decides. The target's answer to a window of n draft

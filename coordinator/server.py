@@ -71,7 +71,7 @@ def stats_to_pb(stats: dict) -> pb.GenerateStats:
 
 class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
     telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
-    # Reliability and security settings (DESIGN.md section 11); serve() sets them from flags.
+    # Reliability and security settings (docs/design.md section 11); serve() sets them from flags.
     backend_tls: ClientTLS | None = None  # TLS/mTLS towards draft and target
     draft_timeout_s = DEFAULT_DRAFT_TIMEOUT_S  # a draft silent this long is given up
     max_prompt_tokens = DEFAULT_MAX_PROMPT_TOKENS

@@ -1,4 +1,4 @@
-"""A benchmarking draft with a chosen acceptance rate (DESIGN.md section 8).
+"""A benchmarking draft with a chosen acceptance rate (docs/design.md section 8).
 
 Models with random weights (timing runs on a GPU machine that cannot hold the real pair) accept
 nothing of each other. For such runs the draft may *replay* the target's own greedy tokens: it

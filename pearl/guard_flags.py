@@ -1,5 +1,5 @@
 """Flags of `pearl serve` and `pearl generate` for TLS, authentication and resource bounds
-(DESIGN.md section 11), with PEARL_* environment fallbacks.
+(docs/design.md section 11), with PEARL_* environment fallbacks.
 
 serve (every role):   --tls-cert --tls-key [--tls-ca]    TLS on the port; with a CA, mutual TLS
                       --max-sessions N                    concurrent sessions (RESOURCE_EXHAUSTED)

@@ -1,6 +1,6 @@
 """`pearl trace FILE... [--trace-id ID] --out timeline.png`: one request's timeline from the
 JSON-lines spans that `pearl serve --trace-file` writes (specdec/telemetry.py), and the overlap
-figures of DESIGN.md section 6 computed from those spans.
+figures of docs/design.md section 6 computed from those spans.
 
 The figures use the interval arithmetic of specdec/stats.py on the services' own forward passes:
 the draft's from the ``draft.window`` spans (each lists its forward passes), the target's from the

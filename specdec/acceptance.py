@@ -3,7 +3,7 @@
 Greedy (temperature 0): a draft token is accepted iff it equals the target's argmax at its
 position; the correction (or bonus) is the target's argmax at the first unaccepted position.
 
-Sampling (DESIGN.md section 5): with p and q the warped target and draft distributions at a
+Sampling (docs/design.md section 5): with p and q the warped target and draft distributions at a
 position, a draft token x ~ q is accepted with probability min(1, p(x)/q(x)); on rejection the
 target samples from norm(max(0, p - q)); after a fully accepted window the bonus comes from p.
 Then every emitted token is distributed exactly as p, whatever q is.

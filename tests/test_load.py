@@ -1,4 +1,4 @@
-"""A bounded loopback load test (DESIGN.md section 11): 16 concurrent clients, 480 requests of
+"""A bounded loopback load test (docs/design.md section 11): 16 concurrent clients, 480 requests of
 mixed modes on tiny models in this process; every output equals the greedy reference, no errors,
 every session is freed, and the resident memory after warm-up stays flat. Prints requests/s,
 p50/p99 latency and the RSS growth (run with -s to see them)."""

@@ -1,5 +1,6 @@
 """The real default pair (Qwen2.5-Coder 0.5B drafting for 1.5B) through real service processes
-on loopback. Float32, where greedy equality with transformers is exact (DESIGN.md section 5)."""
+on loopback. Float32, where greedy equality with transformers is exact
+(docs/design.md section 5)."""
 
 import gc
 import queue

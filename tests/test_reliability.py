@@ -1,4 +1,4 @@
-"""Faults and lifecycle (DESIGN.md section 11), in process with tiny models: the draft lost in the
+"""Faults and lifecycle (docs/design.md section 11), tiny models in process: the draft lost in the
 middle of a request (killed, stalled, busy) is finished by the target alone with the same output;
 a lost target fails the request with UNAVAILABLE and no statistics; cancelled, timed-out and
 disconnected clients free their sessions on both services; idle sessions expire; session limits

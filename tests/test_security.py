@@ -1,4 +1,4 @@
-"""TLS, mutual TLS and bearer tokens (DESIGN.md section 11), with throwaway certificates: the
+"""TLS, mutual TLS and bearer tokens (docs/design.md section 11), with throwaway certificates: the
 coordinator reaches draft and target over mutual TLS, serves its client API over TLS with a
 bearer token; clients without a valid certificate or token are refused, health and reflection
 stay open."""

@@ -1,4 +1,4 @@
-"""Telemetry (issue 5, DESIGN.md section 9): one trace per request across the three services, the
+"""Telemetry (docs/design.md section 9): one trace per request across the three services, the
 overlap visible in the spans, a real OTLP peer, Prometheus counters, and `pearl trace`.
 
 The three services run in this process (tests/cluster.py) on loopback gRPC, each with its own
