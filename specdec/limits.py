@@ -7,6 +7,8 @@
 - ``idle_get`` and ``idle_limited`` close a session that receives no control message for
   ``idle_s`` seconds (``--session-idle-s``; 0 = never) with DEADLINE_EXCEEDED, which frees its KV
   cache even when a coordinator vanished without closing its stream.
+- ``LoadReporter`` answers GetLoad (sessions in flight, the limit, draining) for coordinators that
+  spread sessions over replicas; an accepted session gets its headers (``ACCEPTED_KEY``) at once.
 """
 
 import asyncio
@@ -16,6 +18,8 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS  # noqa: F401 (re-exported)
+
+ACCEPTED_KEY = "pearl-session"  # initial metadata of a session that passed the guard
 
 
 def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
@@ -72,12 +76,29 @@ class CallGuard(grpc.aio.ServerInterceptor):
                                     "sessions (--max-sessions); retry later")
             self.active += 1
             try:
+                # Headers now: a coordinator knows at once that the session was accepted
+                # (coordinator/replicas.py), without waiting for the first answer.
+                await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))
                 async for resp in inner(request_or_iterator, context):
                     yield resp
             finally:
                 self.active -= 1
 
         return _with_behavior(handler, counted)
+
+
+class LoadReporter:
+    """The LoadReport service (GetLoad) answered from a ``CallGuard``'s count and limit."""
+
+    def __init__(self, guard: CallGuard):
+        self.guard = guard
+
+    async def GetLoad(self, request, context):
+        from protos.v1 import pearl_pb2
+
+        g = self.guard
+        return pearl_pb2.LoadResponse(live_sessions=g.active, max_sessions=g.limit,
+                                      draining=g.draining)
 
 
 def _idle_abort_message(label: str, idle_s: float) -> str:
