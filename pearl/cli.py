@@ -55,9 +55,12 @@ def add_serve(sub) -> None:
     p.add_argument("--threads", type=int, default=env("THREADS"),
                    help="torch intra-op threads (default: torch's, or 1 with --device cuda)")
     p.add_argument("--cpus", default=env("CPUS"), help="pin the process to these CPUs (0,1 or 0-3)")
-    p.add_argument("--draft", default=env("DRAFT"), help="draft service HOST:PORT (coordinator)")
+    p.add_argument("--draft", default=env("DRAFT"),
+                   help="draft service(s) (coordinator): HOST:PORT, ipv4:A:P,B:P or "
+                        "dns:///NAME:PORT (every address, re-resolved); sessions go to the "
+                        "least-loaded healthy replica (coordinator/replicas.py)")
     p.add_argument("--target", default=env("TARGET"),
-                   help="target service HOST:PORT (coordinator)")
+                   help="target service(s) (coordinator), same forms as --draft")
     p.add_argument("--gamma", type=int, default=int(env("GAMMA", DEFAULT_GAMMA)),
                    help="default window for sd (coordinator)")
     p.add_argument("--gamma-max", type=int, default=int(env("GAMMA_MAX", DEFAULT_GAMMA_MAX)),
