@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 import time
 import weakref
 from collections.abc import Callable
@@ -76,6 +77,7 @@ class Engine:
         self.closed = False
         self.lock = threading.Lock()  # one forward at a time on the transformers path
         self.steps = 0
+        self.rows_seen: Counter[int] = Counter()  # steps by how many sessions they batched
         self.running: list[Work] = []  # the works of the step in progress
         self.on_step: Callable[[int, int, int], None] | None = None  # (rows, tokens, step_ns)
         self.thread: threading.Thread | None = None
@@ -200,8 +202,9 @@ class Engine:
             except StoreFull as e:
                 self._fail(w, e)
                 continue
-            rows.append((w, n, Row(w.seq.slots, w.tokens[w.fed : w.fed + n],
-                                   w.keep if final else [], w.rope, w.mask, w.pseudo, w.abort)))
+            keep = [k - w.fed for k in w.keep] if final else []  # into this chunk's tokens
+            rows.append((w, n, Row(w.seq.slots, w.tokens[w.fed : w.fed + n], keep, w.rope,
+                                   w.mask, w.pseudo, w.abort)))
         if not rows:
             return
         tokens = sum(n for _, n, _ in rows)
@@ -218,6 +221,7 @@ class Engine:
             return
         step_ns = time.perf_counter_ns() - t0
         self.steps += 1
+        self.rows_seen[len(rows)] += 1
         if self.on_step is not None:
             self.on_step(len(rows), tokens, step_ns)
         for w, n, r in rows:
