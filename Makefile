@@ -5,7 +5,7 @@ PEARL  := $(VENV)/bin/pearl
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup protos models run demo test test-fast bench transfer clean
+.PHONY: setup protos models run demo test test-fast bench bench-load transfer clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,12 @@ deploy:
 # Benchmark ar/sd/pearl (services on loopback, one pinned core each) against transformers.
 bench: setup
 	$(PEARL) bench
+
+# Many requests at once (issue 12): ar/sd/pearl/hidden-transfer through the services against
+# transformers' left-padded batched generate and continuous batching, 1/2/4/8 clients, and a
+# 200-request mixed load for the RSS check; docs/data/bench-load.json, docs/bench-load.png.
+bench-load: setup
+	$(PEARL) bench --concurrency 1,2,4,8 --rss-check
 
 # Train Hidden Transfer layers for the default target (docs/hidden-transfer.md); the target
 # service then finds them in the model cache. A trained file also ships in target_service/weights.

@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     for add in (add_serve, add_generate, add_models, add_demo, add_bench, add_trace,
                 add_transfer):
         add(sub)
+    from pearl.bench_load import extend_bench
+
+    extend_bench(sub.choices["bench"])  # --concurrency: the load bench (pearl/bench_load.py)
     a = parser.parse_args(argv)
     a.fn(a)
 

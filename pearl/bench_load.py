@@ -1,0 +1,774 @@
+"""`pearl bench --concurrency 1,2,4,8`: many requests at once (issue 12).
+
+For each concurrency c and each contender, c clients each send requests one after the other
+(a closed loop: a client sends its next request when its last one is done), every request a
+different HumanEval prompt. Contenders:
+
+- ``ar``, ``sd``, ``pearl``, ``hidden-transfer``: the real services through the public gRPC API
+  (Coordinator.Generate), one client (its own channel) per thread; processes on loopback as in
+  the one-request bench (draft on the first CPU, target on the last, one thread each).
+- ``hf-padded-1t`` / ``hf-padded-all``: transformers' ``generate`` of the target alone in this
+  process, the c clients' requests left-padded into one batch per round (the round ends when
+  its longest row does), one thread on the target's CPU, or all cores.
+- ``hf-cb-1t`` / ``hf-cb-all``: transformers' continuous batching (the manager behind
+  ``generate_batch``; sdpa attention on a paged cache): the c clients submit and wait on their
+  own requests, which join and leave the running batch.
+
+Contenders are interleaved: at each concurrency every contender runs once, in an order rotated
+from one concurrency to the next. Per contender and concurrency: aggregate tok/s (all new tokens
+/ the phase's wall time), per-request latency p50/p99, time to first token p50/p99. Output: JSON,
+a chart of throughput against concurrency, a Markdown table and the goals of issue 12.
+``--rss-check`` adds a mixed load (modes, prompt lengths, sampling) of 200 requests and compares
+the services' RSS after the first 20 with the RSS at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pearl.bench import DEFAULT_MODELS, SERVICE, load_prompts, pct, rss_mb, untrained
+
+HF = ("hf-padded-1t", "hf-padded-all", "hf-cb-1t", "hf-cb-all")
+CONTENDERS = SERVICE + HF
+DEFAULTS = {"max_new_tokens": 48, "contenders": ",".join(CONTENDERS)}
+DEFAULT_JSON = "docs/data/bench-load.json"
+DEFAULT_CHART = "docs/bench-load.png"
+TINY_JSON, TINY_CHART = "bench-out/bench-load.json", "bench-out/bench-load.png"  # not over docs/
+CB_PAGE = 64  # tokens per page of transformers' paged cache (hf-cb)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def extend_bench(p: argparse.ArgumentParser) -> None:
+    """Add the load flags to `pearl bench`; ``--concurrency`` sends the run here.
+
+    The flags it shares with the one-request bench (--max-new-tokens, --contenders) default to
+    None on the parser and take each bench's own default when the command runs."""
+    have = p._option_string_actions  # flags another part of `pearl bench` may already define
+
+    def add(flag: str, **kw) -> None:
+        if flag not in have:
+            p.add_argument(flag, **kw)
+
+    add("--concurrency", default=None,
+        help="load bench: comma list of concurrent clients, e.g. 1,2,4,8 (contenders "
+             f"{','.join(CONTENDERS)}; default --max-new-tokens {DEFAULTS['max_new_tokens']})")
+    add("--requests-per-client", type=int, default=2, help="load bench: requests each client sends")
+    add("--duration", type=float, default=None,
+        help="load bench: seconds each phase keeps sending (instead of --requests-per-client)")
+    add("--json", default=None,
+        help=f"load bench: results JSON path (default {DEFAULT_JSON}; with --tiny {TINY_JSON})")
+    add("--chart", default=None, help=f"load bench: throughput chart PNG path (default "
+                                      f"{DEFAULT_CHART}; with --tiny {TINY_CHART})")
+    add("--rss-check", action="store_true",
+        help="load bench: also a mixed load of --rss-requests requests through the services; "
+             "RSS after the first 20 against RSS at the end")
+    add("--rss-only", action="store_true", help="load bench: the RSS check alone")
+    add("--rss-requests", type=int, default=200)
+    add("--rss-concurrency", type=int, default=4)
+    add("--serve-args", default="",
+        help="load bench: extra `pearl serve` flags for the draft and target services")
+    add("--max-new-tokens", type=int, default=None)
+    add("--contenders", default=None)
+    for flag, kw in (("--tiny", {"action": "store_true"}), ("--gamma", {"type": int, "default": 3}),
+                     ("--dtype", {"default": "bfloat16"}), ("--device", {"default": "cpu"}),
+                     ("--draft-model", {"default": DEFAULT_MODELS["draft"]}),
+                     ("--target-model", {"default": DEFAULT_MODELS["target"]})):
+        add(flag, **kw)
+    original = {k: p.get_default(k) for k in DEFAULTS}
+    p.set_defaults(max_new_tokens=None, contenders=None)
+    one_request = p.get_default("fn")
+
+    def dispatch(a) -> None:
+        load = bool(a.concurrency or a.rss_only)
+        for key, value in (DEFAULTS if load else original).items():
+            if getattr(a, key) is None:
+                setattr(a, key, value)
+        if load:
+            sys.exit(bench_load(a))
+        one_request(a)
+
+    p.set_defaults(fn=dispatch)
+
+
+# -- request plans and records --------------------------------------------------------------------
+
+
+def plan(c: int, client: int, n_prompts: int, per_client: int, deadline: float | None):
+    """The prompt indices client ``client`` of ``c`` sends, one after the other: its j-th
+    request takes prompt (j*c + client) mod n, so every request of a phase has its own prompt and
+    the first prompts recur at every concurrency. With a deadline it sends until then."""
+    j = 0
+    while (j < per_client) if deadline is None else (time.perf_counter() < deadline):
+        yield (j * c + client) % n_prompts
+        j += 1
+
+
+def record(contender: str, c: int, client: int, prompt: dict, tokens: list[int], start: float,
+           first: float | None, end: float, **extra) -> dict:
+    return {"contender": contender, "concurrency": c, "client": client, "prompt": prompt["index"],
+            "prompt_tokens": len(prompt["ids"]), "new_tokens": len(tokens), "token_ids": tokens,
+            "start": start, "end": end, "latency_s": end - start,
+            "ttft_s": None if first is None else first - start, **extra}
+
+
+# -- service contenders ---------------------------------------------------------------------------
+
+
+def service_phase(address: str, mode: str, c: int, prompts: list[dict], m: int, gamma: int,
+                  per_client: int, duration: float | None) -> list[dict]:
+    from pearl.client import Client, Delta
+
+    g = gamma if mode == "sd" else 0
+    clients = [Client(address) for _ in range(c)]
+    barrier = threading.Barrier(c)
+
+    def run(i: int) -> list[dict]:
+        out = []
+        barrier.wait()
+        deadline = None if duration is None else time.perf_counter() + duration
+        for k in plan(c, i, len(prompts), per_client, deadline):
+            p, first, stats = prompts[k], None, {}
+            start = time.perf_counter()
+            ids: list[int] = []
+            for part in clients[i].generate(p["ids"], mode=mode, max_new_tokens=m, gamma=g):
+                if isinstance(part, Delta):
+                    if part.token_ids and first is None:
+                        first = time.perf_counter()
+                    ids += part.token_ids
+                else:
+                    stats = part.stats
+            out.append(record(mode, c, i, p, ids, start, first, time.perf_counter(),
+                              acceptance_rate=stats.get("acceptance_rate"),
+                              target_forwards=stats.get("target_forwards"),
+                              overlap_ratio=stats.get("overlap_ratio"),
+                              finish_reason=stats.get("finish_reason")))
+        return out
+
+    try:
+        with ThreadPoolExecutor(c) as ex:
+            return [r for rs in ex.map(run, range(c)) for r in rs]
+    finally:
+        for cl in clients:
+            cl.close()
+
+
+# -- transformers contenders (in this process) ----------------------------------------------------
+
+
+class HFTarget:
+    """The target in this process: left-padded batched ``generate`` and continuous batching."""
+
+    def __init__(self, loaded):
+        from pearl.bench_local import warm_pool
+
+        self.loaded, self.model = loaded, loaded.model
+        gc = self.model.generation_config
+        eos = gc.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        self.pad = gc.pad_token_id if gc.pad_token_id is not None else min(self.eos, default=0)
+        warm_pool(self.model)
+
+    @staticmethod
+    def threads(contender: str) -> list[int]:
+        """'-1t': one thread on the target service's CPU (idle meanwhile); '-all': every core."""
+        from pearl.bench_local import ALL_CPUS
+
+        return ALL_CPUS[-1:] if contender.endswith("-1t") else ALL_CPUS
+
+    def cut(self, row: list[int]) -> list[int]:
+        """New tokens up to and including the first end-of-sequence token."""
+        for i, t in enumerate(row):
+            if t in self.eos:
+                return row[: i + 1]
+        return row
+
+    def padded_phase(self, contender: str, c: int, prompts: list[dict], m: int, per_client: int,
+                     duration: float | None) -> list[dict]:
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        from pearl.bench_local import ALL_CPUS, pin, sync
+
+        class FirstStep(LogitsProcessor):  # called once per step, the first right after prefill
+            first: float | None = None
+
+            def __call__(self, input_ids, scores):
+                if self.first is None:
+                    self.first = time.perf_counter()
+                return scores
+
+        cpus = self.threads(contender)
+        pin(cpus)
+        torch.set_num_threads(len(cpus))
+        per = per_client if duration is None else 10**9  # with a duration: rounds until then
+        plans = [plan(c, i, len(prompts), per, None) for i in range(c)]
+        deadline = None if duration is None else time.perf_counter() + duration
+        out = []
+        try:
+            while deadline is None or time.perf_counter() < deadline:
+                batch = [(i, prompts[k]) for i, pl in enumerate(plans) for k in
+                         (next(pl, None),) if k is not None]
+                if not batch:
+                    break
+                width = max(len(p["ids"]) for _, p in batch)
+                ids = torch.tensor([[self.pad] * (width - len(p["ids"])) + p["ids"]
+                                    for _, p in batch], device=self.loaded.device)
+                mask = torch.tensor([[0] * (width - len(p["ids"])) + [1] * len(p["ids"])
+                                     for _, p in batch], device=self.loaded.device)
+                step = FirstStep()
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    gen = self.model.generate(ids, attention_mask=mask, max_new_tokens=m,
+                                              do_sample=False, pad_token_id=self.pad,
+                                              logits_processor=LogitsProcessorList([step]))
+                sync(self.model)
+                end = time.perf_counter()
+                for row, (i, p) in zip(gen[:, width:].tolist(), batch):
+                    out.append(record(contender, c, i, p, self.cut(row), start, step.first, end,
+                                      batch_size=len(batch)))
+        finally:
+            pin(ALL_CPUS)
+            torch.set_num_threads(len(ALL_CPUS))
+        return out
+
+    def cb_phase(self, contender: str, c: int, prompts: list[dict], m: int, per_client: int,
+                 duration: float | None) -> list[dict]:
+        """Continuous batching: a paged KV cache sized for c requests (sized by hand: left to
+        itself on a CPU it takes 60 % of the RAM), chunked prefill under a token budget."""
+        import torch
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        from pearl.bench_local import ALL_CPUS, pin
+
+        longest = max(len(p["ids"]) for p in prompts) + m
+        cfg = ContinuousBatchingConfig(
+            page_size=CB_PAGE, num_blocks=c * (math.ceil(longest / CB_PAGE) + 1) + 1,
+            max_batch_tokens=max(256, longest), max_requests_per_batch=max(c, 1),
+            allow_block_sharing=False)
+        gen = GenerationConfig(do_sample=False, max_new_tokens=m, pad_token_id=self.pad,
+                               eos_token_id=sorted(self.eos) or -1)
+        cpus = self.threads(contender)
+        pin(cpus)  # the manager's generation thread inherits this thread's affinity
+        torch.set_num_threads(len(cpus))
+        done: dict[str, tuple[object, float]] = {}
+        ready = threading.Condition()
+        try:
+            with self.model.continuous_batching_context_manager(
+                    generation_config=gen, continuous_batching_config=cfg, warmup=False) as mgr:
+                stop = threading.Event()
+
+                def route() -> None:  # one reader of the shared output queue
+                    while not stop.is_set():
+                        r = mgr.get_result(timeout=0.05)
+                        if r is not None and r.is_finished():
+                            with ready:
+                                done[r.request_id] = (r, time.perf_counter())
+                                ready.notify_all()
+
+                router = threading.Thread(target=route, daemon=True)
+                router.start()
+                barrier = threading.Barrier(c)
+
+                def run(i: int) -> list[dict]:
+                    out = []
+                    barrier.wait()
+                    deadline = None if duration is None else time.perf_counter() + duration
+                    for j, k in enumerate(plan(c, i, len(prompts), per_client, deadline)):
+                        p, rid = prompts[k], f"{contender}-{c}-{i}-{j}"
+                        start = time.perf_counter()
+                        mgr.add_request(p["ids"], request_id=rid, max_new_tokens=m,
+                                        record_timestamps=True)
+                        with ready:
+                            ready.wait_for(lambda: rid in done or not mgr.is_running())
+                        if rid not in done:
+                            raise RuntimeError(f"{contender}: the generation thread stopped")
+                        res, end = done.pop(rid)
+                        if res.error:
+                            raise RuntimeError(f"{contender}: {res.error}")
+                        first = res.timestamps[0] if res.timestamps else None
+                        out.append(record(contender, c, i, p, self.cut(res.generated_tokens),
+                                          start, first, end))
+                    return out
+
+                try:
+                    with ThreadPoolExecutor(c) as ex:
+                        return [r for rs in ex.map(run, range(c)) for r in rs]
+                finally:
+                    stop.set()
+                    router.join(timeout=5)
+        finally:
+            pin(ALL_CPUS)
+            torch.set_num_threads(len(ALL_CPUS))
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+
+
+def summarize(recs: list[dict]) -> dict:
+    """One phase (contender x concurrency): aggregate rate and request latencies."""
+    wall = max(r["end"] for r in recs) - min(r["start"] for r in recs)
+    new = sum(r["new_tokens"] for r in recs)
+    lat = [r["latency_s"] for r in recs]
+    ttft = [r["ttft_s"] for r in recs if r["ttft_s"] is not None]
+    s = {"requests": len(recs), "new_tokens": new, "wall_s": wall,
+         "tokens_per_s": new / wall if wall > 0 else 0.0,
+         "latency_p50_s": pct(lat, .5), "latency_p99_s": pct(lat, .99),
+         "latency_mean_s": statistics.mean(lat), "ttft_p50_s": pct(ttft, .5),
+         "ttft_p99_s": pct(ttft, .99),
+         "per_request_tokens_per_s": statistics.mean(r["new_tokens"] / r["latency_s"]
+                                                     for r in recs if r["latency_s"] > 0)}
+    if any(r.get("identical") is not None for r in recs):
+        same = [r["identical"] for r in recs if r.get("identical") is not None]
+        s["identical_share"] = sum(same) / len(same)
+    if any(r.get("acceptance_rate") for r in recs):
+        s["acceptance_rate_mean"] = statistics.mean(r["acceptance_rate"] or 0 for r in recs)
+    return s
+
+
+def mark_identical(records: list[dict], reference: str | None) -> None:
+    """Greedy tokens against the reference contender's on the same prompt (its first request
+    with that prompt, at any concurrency); None where the reference never ran the prompt."""
+    ref: dict[int, list[int]] = {}
+    for r in records:
+        if r["contender"] == reference:
+            ref.setdefault(r["prompt"], r["token_ids"])
+    for r in records:
+        r["identical"] = (None if r["prompt"] not in ref or r["contender"] == reference
+                          else r["token_ids"] == ref[r["prompt"]])
+
+
+# -- goals ----------------------------------------------------------------------------------------
+
+
+def rate(phases: dict, contender: str, c: int) -> float | None:
+    return phases.get(contender, {}).get(c, {}).get("tokens_per_s")
+
+
+def goals(phases: dict, concurrency: list[int], rss: dict | None) -> list[dict]:
+    """The goals of issue 12, each with its figures; ``met`` None where the run lacks the data."""
+    out = []
+
+    def goal(name: str, value: float | None, target: float, figures: str, need: str,
+             at_most: bool = False) -> None:
+        met = None if value is None else (value <= target if at_most else value >= target)
+        out.append({"goal": name, "value": value, "target": target, "at_most": at_most,
+                    "met": met, "figures": figures if value is not None else need})
+
+    one = rate(phases, "pearl", 1)
+    for c, x in ((4, 3.0), (8, 5.0)):
+        r = rate(phases, "pearl", c)
+        goal(f"pearl at {c} concurrent / pearl one at a time", r / one if r and one else None, x,
+             f"{r or 0:.2f} / {one or 0:.2f} tok/s", f"needs pearl at concurrency 1 and {c}")
+    for c in (4, 8):
+        for hf, x in (("hf-padded-1t", 1.5), ("hf-padded-all", 1.2)):
+            r, h = rate(phases, "pearl", c), rate(phases, hf, c)
+            goal(f"pearl / {hf} at {c} concurrent", r / h if r and h else None, x,
+                 f"{r or 0:.2f} / {h or 0:.2f} tok/s", f"needs pearl and {hf} at concurrency {c}")
+    for c in concurrency:
+        r, a = rate(phases, "pearl", c), rate(phases, "ar", c)
+        goal(f"pearl / ar (same services) at {c} concurrent", r / a if r and a else None, 1.0,
+             f"{r or 0:.2f} / {a or 0:.2f} tok/s", f"needs pearl and ar at concurrency {c}")
+    alone = phases.get("pearl", {}).get(1, {}).get("latency_p50_s")
+    p99 = phases.get("pearl", {}).get(8, {}).get("latency_p99_s")
+    goal("pearl p99 latency at 8 concurrent / one request alone (p50 at 1)",
+         p99 / alone if p99 and alone else None, 3.0, f"{p99 or 0:.2f} s / {alone or 0:.2f} s",
+         "needs pearl at concurrency 1 and 8", at_most=True)
+    if rss and rss.get("growth"):
+        worst = max(rss["growth"], key=lambda k: rss["growth"][k])
+        figs = ", ".join(f"{k} {rss['after_first_mb'][k]:.0f} -> {rss['at_end_mb'][k]:.0f} MB"
+                         for k in rss["growth"])
+        goal(f"RSS growth over a {rss['requests']}-request mixed load (worst: {worst})",
+             rss["growth"][worst], 0.10, figs, "", at_most=True)
+    else:
+        goal("RSS growth over a 200-request mixed load", None, 0.10, "",
+             "run with --rss-check", at_most=True)
+    return out
+
+
+def goals_text(gs: list[dict], command: str) -> str:
+    lines = [f"\ngoals of issue 12 ({command}):"]
+    for g in gs:
+        op = "<=" if g["at_most"] else ">="
+        if g["met"] is None:
+            lines.append(f"  {g['goal']}: not measured ({g['figures']})")
+            continue
+        value = f"{100 * g['value']:+.1f}%" if "RSS" in g["goal"] else f"{g['value']:.2f}x"
+        target = f"{100 * g['target']:.0f}%" if "RSS" in g["goal"] else f"{g['target']}x"
+        lines.append(f"  {g['goal']}: {value} ({g['figures']}; goal {op} {target}): "
+                     f"{'met' if g['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+# -- KV bytes per token ---------------------------------------------------------------------------
+
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def kv_from_config(config, dtype: str) -> int:
+    """2 (K and V) * layers * KV heads * head dim * bytes per element."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+def kv_bytes(role: str, address: str | None, config, dtype: str) -> dict:
+    """From the service's GetModelInfo when it has the field ``kv_bytes_per_token``, else
+    computed from the model config."""
+    from protos.v1 import pearl_pb2 as pb
+
+    if address and "kv_bytes_per_token" in pb.ModelInfoResponse.DESCRIPTOR.fields_by_name:
+        import grpc
+
+        from protos.v1 import pearl_pb2_grpc
+        from specdec.serving import CHANNEL_OPTIONS
+
+        stub = (pearl_pb2_grpc.TargetServiceStub if role == "target"
+                else pearl_pb2_grpc.DraftServiceStub)
+        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+            info = stub(ch).GetModelInfo(pb.ModelInfoRequest(), timeout=30)
+        if info.kv_bytes_per_token:
+            return {"bytes": int(info.kv_bytes_per_token), "source": "GetModelInfo"}
+    if config is None:
+        return {"bytes": None, "source": "unknown (no config)"}
+    return {"bytes": kv_from_config(config, dtype),
+            "source": "computed from the model config: 2 * layers * kv_heads * head_dim * "
+                      "dtype bytes (GetModelInfo has no kv_bytes_per_token)"}
+
+
+def tokenizer_only(name: str):
+    """A stand-in for a loaded model when only its tokenizer is needed."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from specdec import model_store
+
+    return SimpleNamespace(model=None, tokenizer=AutoTokenizer.from_pretrained(
+        model_store.resolve(name, progress=False)))
+
+
+def model_config(name: str):
+    try:
+        from transformers import AutoConfig
+
+        from specdec import model_store
+
+        return AutoConfig.from_pretrained(model_store.resolve(name, progress=False))
+    except Exception:
+        return None
+
+
+# -- RSS under a mixed load -----------------------------------------------------------------------
+
+
+def rss_check(address: str, pids: dict[str, int], prompts: list[dict], modes: list[str], m: int,
+              n: int, c: int, first: int = 20) -> dict:
+    """``n`` requests, ``c`` at a time, cycling the modes, prompt lengths (whole prompts and cut
+    ones), new-token counts and greedy/sampled settings; the processes' RSS once ``first`` have
+    finished and at the end."""
+    from pearl.client import Client
+
+    rng = random.Random(0)
+    jobs = []
+    for k in range(n):
+        p = prompts[k % len(prompts)]["ids"]
+        cut = p[: max(8, int(len(p) * rng.choice((1.0, 0.6, 0.3))))]
+        sampled = k % 3 == 2
+        jobs.append(dict(prompt=cut, mode=modes[k % len(modes)],
+                         max_new_tokens=rng.choice((m, max(1, m // 2), max(1, m // 4))),
+                         temperature=0.8 if sampled else 0.0, top_p=0.9 if sampled else None,
+                         seed=k if sampled else None))
+    lock, finished = threading.Lock(), [0]
+    snap: dict[str, dict[str, float | None]] = {}
+    it = iter(jobs)
+
+    def worker(_: int) -> None:
+        with Client(address) as cl:
+            while True:
+                with lock:
+                    job = next(it, None)
+                if job is None:
+                    return
+                cl.complete(job.pop("prompt"), **job)
+                with lock:
+                    finished[0] += 1
+                    if finished[0] == first:
+                        snap["first"] = {k: rss_mb(pid) for k, pid in pids.items()}
+
+    with ThreadPoolExecutor(c) as ex:
+        list(ex.map(worker, range(c)))
+    end = {k: rss_mb(pid) for k, pid in pids.items()}
+    after = snap.get("first", end)
+    growth = {k: (end[k] - after[k]) / after[k] for k in pids if end[k] and after[k]}
+    return {"requests": n, "first": first, "concurrency": c, "after_first_mb": after,
+            "at_end_mb": end, "growth": growth}
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def markdown(phases: dict, concurrency: list[int]) -> str:
+    hi = max(concurrency)
+    head = (["contender"] + [f"tok/s at {c}" for c in concurrency]
+            + [f"{hi} vs 1", "p50 latency s at 1", f"p50 / p99 latency s at {hi}",
+               f"TTFT p50 s at {hi}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    f = lambda v, s="{:.2f}": "-" if v is None else s.format(v)  # noqa: E731
+    for name, by_c in phases.items():
+        top, one = by_c.get(hi, {}), by_c.get(1, {})
+        scale = (top["tokens_per_s"] / one["tokens_per_s"]
+                 if top and one and one.get("tokens_per_s") else None)
+        cells = ([f"**{name}**" if name == "pearl" else name]
+                 + [f(by_c.get(c, {}).get("tokens_per_s")) for c in concurrency]
+                 + [f(scale, "{:.2f}x"), f(one.get("latency_p50_s"), "{:.1f}"),
+                    f"{f(top.get('latency_p50_s'), '{:.1f}')} / "
+                    f"{f(top.get('latency_p99_s'), '{:.1f}')}",
+                    f(top.get("ttft_p50_s"), "{:.2f}")])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail(phases: dict) -> str:
+    from pearl.report import table
+
+    cols = [("contender", "contender", "{}"), ("c", "concurrency", "{}"),
+            ("requests", "requests", "{}"), ("tokens", "new_tokens", "{}"),
+            ("wall s", "wall_s", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.2f}"),
+            ("p50 lat s", "latency_p50_s", "{:.2f}"), ("p99 lat s", "latency_p99_s", "{:.2f}"),
+            ("TTFT p50 s", "ttft_p50_s", "{:.2f}"), ("TTFT p99 s", "ttft_p99_s", "{:.2f}"),
+            ("identical", "identical_share", "{:.2f}")]
+    rows = [{"contender": n, "concurrency": c, **s} for n, by_c in phases.items()
+            for c, s in by_c.items()]
+    return table(rows, cols)
+
+
+def chart(path: Path, phases: dict, concurrency: list[int], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, by_c in phases.items():
+        cs = [c for c in concurrency if c in by_c]
+        style = dict(marker="o", lw=2.5 if name == "pearl" else 1.5,
+                     ls="-" if name in SERVICE else "--")
+        ax.plot(cs, [by_c[c]["tokens_per_s"] for c in cs], label=name, **style)
+        ax2.plot(cs, [by_c[c]["latency_p99_s"] for c in cs], label=name, **style)
+    for a, ylabel, t in ((ax, "aggregate tokens/s", "throughput"),
+                         (ax2, "p99 request latency, s", "latency")):
+        a.set_xscale("log", base=2)
+        a.set_xticks(concurrency, [str(c) for c in concurrency])
+        a.set_xlabel("concurrent requests")
+        a.set_ylabel(ylabel)
+        a.set_title(f"{t}: {title}", fontsize=9)
+        a.grid(alpha=.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def command_line(a) -> str:
+    parts = ["pearl bench"]
+    if a.concurrency:
+        parts.append(f"--concurrency {a.concurrency}")
+    if a.duration is not None:
+        parts.append(f"--duration {a.duration:g}")
+    else:
+        parts.append(f"--requests-per-client {a.requests_per_client}")
+    parts.append(f"--max-new-tokens {a.max_new_tokens}")
+    if a.contenders != DEFAULTS["contenders"]:
+        parts.append(f"--contenders {a.contenders}")
+    for flag, on in (("--tiny", a.tiny), ("--rss-check", a.rss_check), ("--rss-only", a.rss_only)):
+        if on:
+            parts.append(flag)
+    return " ".join(parts)
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def bench_load(a) -> int:
+    from tqdm import tqdm
+
+    from pearl.bench_local import ALL_CPUS, load_pair
+    from pearl.cluster import Cluster
+    from pearl.procs import running
+    from specdec.models import load_model
+
+    contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown:
+        print(f"pearl bench: unknown load contenders {unknown}; choose from "
+              f"{','.join(CONTENDERS)}", file=sys.stderr)
+        return 2
+    try:
+        concurrency = sorted({int(x) for x in (a.concurrency or "").split(",") if x.strip()})
+    except ValueError:
+        print(f"pearl bench: --concurrency takes a comma list of integers, got {a.concurrency!r}",
+              file=sys.stderr)
+        return 2
+    if any(c < 1 for c in concurrency):
+        print("pearl bench: every --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    if a.rss_only:
+        concurrency = []
+    rss_on = a.rss_check or a.rss_only
+    gpu = a.device == "cuda"
+    if gpu:
+        contenders = [c for c in contenders if not c.endswith("-1t")]
+    services = [c for c in contenders if c in SERVICE]
+    dtype = "float32" if a.tiny else a.dtype
+    dcpu, tcpu = ALL_CPUS[0], ALL_CPUS[-1]
+    if a.tiny:
+        split = "--tiny: services in this process, no pinning (a harness check, not a measurement)"
+    else:
+        split = (f"draft service CPU {dcpu}, target service CPU {tcpu}, one thread each, {dtype}; "
+                 f"coordinator unpinned; hf-*-1t: CPU {tcpu}, 1 thread; hf-*-all: CPUs "
+                 f"{','.join(map(str, ALL_CPUS))}, {len(ALL_CPUS)} threads")
+    command = command_line(a)
+    print(f"pearl bench (load): {command}\nhardware split: {split}", flush=True)
+    t_start = time.monotonic()
+    phases: dict[str, dict[int, dict]] = {}
+    records: list[dict] = []
+    rss = None
+    need_services = bool(services) or rss_on
+    with running() as svcs:
+        cluster = None
+        if need_services and not a.tiny:
+            common = ["--device", a.device, "--dtype", a.dtype, "--threads", "1",
+                      *shlex.split(a.serve_args)]
+            svcs.start("draft", ["--model", a.draft_model, *common],
+                       cpus=None if gpu else str(dcpu))
+            svcs.start("target", ["--model", a.target_model, *common],
+                       cpus=None if gpu else str(tcpu))
+        hf_on = any(c in HF for c in contenders)
+        if a.tiny:
+            draft, target = load_pair(a.draft_model, a.target_model, dtype, True)
+        elif hf_on:
+            draft, target = None, load_model(a.target_model, a.device, a.dtype)
+        else:  # the services alone: the tokenizer is all this process needs
+            draft, target = None, tokenizer_only(a.target_model)
+        hf = HFTarget(target) if hf_on else None
+        n_prompts = max([c * a.requests_per_client for c in concurrency] + [16])
+        if a.duration is not None:
+            n_prompts = 164
+        prompts = load_prompts("humaneval", n_prompts, target.tokenizer, a.tiny)
+        if a.tiny:  # equal cuts of 120 characters: vary them, so that batches need padding
+            for p in prompts:
+                p["ids"] = p["ids"][(17 * p["index"]) % 50:]
+        address = draft_address = target_address = None
+        if need_services:
+            if a.tiny:
+                cluster = Cluster(draft, target, a.gamma,
+                                  target_kw={"transfer": untrained(target)})
+                address = cluster.address
+                draft_address, target_address = cluster.draft_address, cluster.target_address
+            else:
+                draft_address, target_address = svcs.wait("draft"), svcs.wait("target")
+                svcs.start("coordinator", ["--draft", draft_address, "--target", target_address,
+                                           "--gamma", str(a.gamma)])
+                address = svcs.wait("coordinator", 120)
+        print(f"ready in {time.monotonic() - t_start:.0f} s", flush=True)
+
+        def phase(name: str, c: int, m: int, per_client: int, duration: float | None):
+            if name in SERVICE:
+                return service_phase(address, name, c, prompts, m, a.gamma, per_client, duration)
+            run = hf.padded_phase if name.startswith("hf-padded") else hf.cb_phase
+            return run(name, c, prompts, m, per_client, duration)
+
+        try:
+            for name in contenders:  # warm-up, not recorded: first-call costs
+                phase(name, 1, min(4, a.max_new_tokens), 1, None)
+            total = len(concurrency) * len(contenders)
+            bar = tqdm(total=total, desc="bench-load", unit="phase", file=sys.stderr)
+            for ci, c in enumerate(concurrency):
+                k = ci % max(1, len(contenders))  # rotate: no contender always goes first
+                for name in contenders[k:] + contenders[:k]:
+                    bar.set_postfix_str(f"{name} x{c}")
+                    recs = phase(name, c, a.max_new_tokens, a.requests_per_client, a.duration)
+                    records += recs
+                    bar.update()
+            bar.close()
+            if rss_on:
+                pids = ({"bench process (all services)": os.getpid()} if a.tiny else
+                        {role: s.proc.pid for role, s in svcs.all.items()})
+                modes = services or list(SERVICE)
+                print(f"RSS check: {a.rss_requests} mixed requests ({','.join(modes)}), "
+                      f"{a.rss_concurrency} at a time ...", flush=True)
+                rss = rss_check(address, pids, prompts, modes, a.max_new_tokens, a.rss_requests,
+                                a.rss_concurrency, min(20, a.rss_requests))
+            kv = {"target": kv_bytes("target", target_address, target.model.config
+                                     if target.model else model_config(a.target_model), dtype),
+                  "draft": kv_bytes("draft", draft_address,
+                                    draft.model.config if draft else model_config(a.draft_model),
+                                    dtype)}
+        finally:
+            if cluster:
+                cluster.close()
+
+    reference = next((c for c in ("ar", "hf-padded-1t", "hf-padded-all") if c in contenders),
+                     None)
+    mark_identical(records, reference)
+    for name in contenders:
+        for c in concurrency:
+            recs = [r for r in records if r["contender"] == name and r["concurrency"] == c]
+            if recs:
+                phases.setdefault(name, {})[c] = summarize(recs)
+    gs = goals(phases, concurrency, rss)
+    table_md = markdown(phases, concurrency) if concurrency else ""
+    print()
+    if concurrency:
+        print(detail(phases))
+        print(f"\n(identical: share of greedy requests whose tokens equal {reference}'s on the "
+              "same prompt)\n")
+        print(table_md)
+    if rss:
+        print("\nRSS MB after the first {first} / at the end: ".format(**rss) + ", ".join(
+            f"{k} {rss['after_first_mb'][k]:.0f} / {rss['at_end_mb'][k]:.0f}"
+            for k in rss["at_end_mb"] if rss["at_end_mb"][k]))
+    for role, d in kv.items():
+        print(f"KV bytes per token, {role}: {d['bytes']} ({d['source']})")
+    print(goals_text(gs, command))
+    elapsed = time.monotonic() - t_start
+    result = {
+        "config": {"command": command, "draft_model": "tiny" if a.tiny else a.draft_model,
+                   "target_model": "tiny" if a.tiny else a.target_model, "dtype": dtype,
+                   "device": a.device, "concurrency": concurrency, "contenders": contenders,
+                   "max_new_tokens": a.max_new_tokens, "requests_per_client":
+                   a.requests_per_client, "duration_s": a.duration, "gamma": a.gamma,
+                   "tiny": a.tiny, "cpus": ALL_CPUS, "hardware_split": split,
+                   "reference": reference, "serve_args": a.serve_args},
+        "phases": {n: {str(c): s for c, s in by_c.items()} for n, by_c in phases.items()},
+        "goals": gs, "kv_bytes_per_token": kv, "rss": rss, "table_md": table_md,
+        "records": records, "elapsed_s": elapsed,
+    }
+    out = Path(a.json or (TINY_JSON if a.tiny else DEFAULT_JSON))
+    png = Path(a.chart or (TINY_CHART if a.tiny else DEFAULT_CHART))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    wrote = [str(out)]
+    if concurrency:
+        chart(png, phases, concurrency,
+              f"{'tiny models' if a.tiny else a.target_model}, {a.max_new_tokens} new tokens")
+        wrote.append(str(png))
+    print(f"\nwrote {' and '.join(wrote)} ({elapsed:.0f} s in all)")
+    return 0

@@ -1,0 +1,122 @@
+"""`pearl bench --concurrency`: the load bench's harness on tiny models (not a speed test), its
+goal checks and the command's dispatch."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pearl.bench_load import DEFAULTS, goals, kv_from_config
+
+GOAL_NAMES = ["pearl at 4 concurrent / pearl one at a time",
+              "pearl at 8 concurrent / pearl one at a time",
+              "pearl / hf-padded-1t at 4 concurrent", "pearl / hf-padded-all at 8 concurrent",
+              "pearl / ar (same services) at 1 concurrent",
+              "pearl / ar (same services) at 2 concurrent",
+              "pearl p99 latency at 8 concurrent / one request alone", "RSS growth over a"]
+
+
+def test_load_bench_tiny_run(tmp_path):
+    out, png = tmp_path / "load.json", tmp_path / "load.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pearl.cli", "bench", "--concurrency", "1,2", "--tiny",
+         "--contenders", "ar,pearl,hf-padded-1t", "--max-new-tokens", "6", "--rss-check",
+         "--rss-requests", "24", "--json", str(out), "--chart", str(png)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert res["config"]["concurrency"] == [1, 2]
+    assert set(res["phases"]) == {"ar", "pearl", "hf-padded-1t"}
+    for name, by_c in res["phases"].items():
+        assert set(by_c) == {"1", "2"}, name
+        for c, s in by_c.items():
+            assert s["requests"] == 2 * int(c), (name, c)  # c clients x 2 requests each
+            for key in ("tokens_per_s", "wall_s", "latency_p50_s", "latency_p99_s",
+                        "latency_mean_s", "ttft_p50_s", "ttft_p99_s"):
+                assert s[key] is not None and s[key] > 0, (name, c, key)
+            assert s["latency_p50_s"] <= s["latency_p99_s"]
+            assert s["ttft_p50_s"] <= s["latency_p99_s"]
+            assert s["new_tokens"] == 6 * s["requests"]  # random tiny models: no EOS
+    # greedy float32: the services and the left-padded batch give ar's tokens on every prompt
+    assert res["config"]["reference"] == "ar"
+    assert res["phases"]["pearl"]["2"]["identical_share"] == 1.0
+    assert res["phases"]["hf-padded-1t"]["2"]["identical_share"] == 1.0
+    # the requests of a phase overlap in time, each has its own prompt
+    two = [r for r in res["records"] if r["contender"] == "pearl" and r["concurrency"] == 2]
+    assert len({r["prompt"] for r in two}) == 4
+    firsts = [min((r for r in two if r["client"] == i), key=lambda r: r["start"]) for i in (0, 1)]
+    assert max(r["start"] for r in firsts) < min(r["end"] for r in firsts)
+    kv = res["kv_bytes_per_token"]["target"]
+    from specdec.models import tiny_loaded
+
+    assert kv["bytes"] == kv_from_config(tiny_loaded(2).model.config, "float32")
+    assert res["rss"]["requests"] == 24 and res["rss"]["growth"]
+    assert "| contender | tok/s at 1 | tok/s at 2 |" in res["table_md"]
+    assert res["table_md"] in proc.stdout
+    text = proc.stdout.split("goals of issue 12")[1]
+    for name in GOAL_NAMES:
+        assert name in text, name
+    for name in ("pearl / ar (same services) at 1 concurrent", "RSS growth over a 24-request"):
+        line = next(x for x in text.splitlines() if name in x)
+        assert re.search(r"goal (>=|<=) .*: (met|NOT met)$", line), line
+    assert "not measured (needs pearl at concurrency 1 and 8)" in text
+    assert {g["goal"] for g in res["goals"]} >= {g for g in GOAL_NAMES if "RSS" not in g
+                                                  and "p99" not in g}
+
+
+def test_goals_met_and_not_met():
+    def ph(rate, p50=10.0, p99=10.0):
+        return {"tokens_per_s": rate, "latency_p50_s": p50, "latency_p99_s": p99}
+
+    phases = {"pearl": {1: ph(10, p50=5), 4: ph(35), 8: ph(40, p99=16)},
+              "ar": {1: ph(9), 4: ph(36), 8: ph(30)},
+              "hf-padded-1t": {4: ph(20), 8: ph(30)}, "hf-padded-all": {4: ph(30), 8: ph(30)}}
+    rss = {"requests": 200, "after_first_mb": {"target": 1000.0, "draft": 500.0},
+           "at_end_mb": {"target": 1050.0, "draft": 600.0},
+           "growth": {"target": 0.05, "draft": 0.2}}
+    by = {g["goal"]: g for g in goals(phases, [1, 4, 8], rss)}
+    assert by["pearl at 4 concurrent / pearl one at a time"]["met"] is True  # 3.5x >= 3
+    assert by["pearl at 8 concurrent / pearl one at a time"]["met"] is False  # 4x < 5
+    assert by["pearl / hf-padded-1t at 4 concurrent"]["value"] == pytest.approx(1.75)
+    assert by["pearl / hf-padded-1t at 4 concurrent"]["met"] is True
+    assert by["pearl / hf-padded-1t at 8 concurrent"]["met"] is False  # 1.33 < 1.5
+    assert by["pearl / hf-padded-all at 4 concurrent"]["met"] is False  # 1.17 < 1.2
+    assert by["pearl / ar (same services) at 4 concurrent"]["met"] is False  # 35 < 36
+    assert by["pearl / ar (same services) at 8 concurrent"]["met"] is True
+    lat = by["pearl p99 latency at 8 concurrent / one request alone (p50 at 1)"]
+    assert lat["value"] == pytest.approx(3.2) and lat["met"] is False
+    worst = next(g for g in by.values() if g["goal"].startswith("RSS"))
+    assert "draft" in worst["goal"] and worst["met"] is False
+    assert all(g["met"] is None for g in goals({}, [1], None))
+
+
+def test_kv_bytes_from_config():
+    from transformers import Qwen2Config
+
+    from specdec.models import SHAPES
+
+    cfg = Qwen2Config(**SHAPES["qwen2.5-1.5b"])  # 28 layers, 2 KV heads of 1536/12 = 128
+    assert kv_from_config(cfg, "bfloat16") == 2 * 28 * 2 * 128 * 2
+    assert kv_from_config(cfg, "float32") == 2 * 28 * 2 * 128 * 4
+
+
+def test_concurrency_sends_bench_to_the_load_bench(monkeypatch):
+    import pearl.bench
+    import pearl.bench_load
+    from pearl import cli
+
+    seen = {}
+    monkeypatch.setattr(pearl.bench, "cmd_bench", lambda a: seen.setdefault("one", a))
+    monkeypatch.setattr(pearl.bench_load, "bench_load", lambda a: seen.setdefault("load", a) and 0)
+    cli.main(["bench", "--tiny"])
+    one = seen["one"]
+    assert one.max_new_tokens is not None and one.max_new_tokens != DEFAULTS["max_new_tokens"]
+    assert "hf-padded-1t" not in one.contenders  # the one-request bench's own defaults
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--concurrency", "1,2", "--tiny"])
+    assert e.value.code == 0
+    assert seen["load"].max_new_tokens == DEFAULTS["max_new_tokens"]
+    assert seen["load"].contenders == DEFAULTS["contenders"]
