@@ -47,6 +47,7 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
         self.replay = replay  # a benchmarking draft (draft_service/replay.py), normally None
         # one batched forward per step over every session's draft step (specdec/engine.py)
         self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "draft")
+        self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
         self.runner = ModelRunner("draft", max_sessions or 256)
         self.live = 0
         self.aborted = 0  # draft forwards stopped early because their token went stale

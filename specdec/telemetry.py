@@ -136,6 +136,7 @@ def otlp_configured() -> bool:
 
 SMALL_COUNTS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64]
 SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+TOKEN_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 
 
 class Metrics:
@@ -166,6 +167,19 @@ class Metrics:
         self.time_to_first_token = h("pearl_time_to_first_token", unit="s",
                                      explicit_bucket_boundaries_advisory=SECONDS,
                                      description="Request start to the first committed token")
+        # the engine (specdec/engine.py): one record per step, and the wait of each forward
+        self.batch_rows = h("pearl_engine_batch_rows",
+                            explicit_bucket_boundaries_advisory=SMALL_COUNTS,
+                            description="Sessions whose work one engine step ran together")
+        self.batch_tokens = h("pearl_engine_batch_tokens",
+                              explicit_bucket_boundaries_advisory=TOKEN_COUNTS,
+                              description="Tokens fed in one engine step, all sessions together")
+        self.step_latency = h("pearl_engine_step_latency", unit="s",
+                              explicit_bucket_boundaries_advisory=SECONDS,
+                              description="Duration of one engine step (one batched forward)")
+        self.queue_wait = h("pearl_engine_queue_wait", unit="s",
+                            explicit_bucket_boundaries_advisory=SECONDS,
+                            description="Time a session's forward waited for its engine step")
         self.active_sessions = m.create_up_down_counter(
             "pearl_active_sessions", description="Sessions (coordinator: requests) open now")
 
@@ -264,6 +278,13 @@ class Telemetry:
     def enabled(self) -> bool:
         return self.tracing or self.metrics is not None
 
+    def engine_step(self, rows: int, tokens: int, step_ns: int) -> None:
+        """One step of this service's engine (installed as ``Engine.on_step``)."""
+        if self.metrics is not None:
+            self.metrics.batch_rows.record(rows)
+            self.metrics.batch_tokens.record(tokens)
+            self.metrics.step_latency.record(step_ns / 1e9)
+
     def force_flush(self) -> None:
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
@@ -361,6 +382,8 @@ class _Window:
     starts: list[int] = field(default_factory=list)  # forward passes: wall-clock start (ns)
     durations: list[int] = field(default_factory=list)  # and duration (ns)
     input_tokens: int = 0
+    batch_rows: list[int] = field(default_factory=list)  # engine step sizes of those passes
+    queue_ns: list[int] = field(default_factory=list)  # and their waits for the step
 
 
 class DraftTrace:
@@ -403,6 +426,7 @@ class DraftTrace:
         """A drafted token (a ``drafter.Proposal``), after its forward pass."""
         if self.tel.metrics is not None:
             self.tel.metrics.draft_forwards.add(1, {"reported_by": "service"})
+            self.tel.metrics.queue_wait.record(p.queue_ns / 1e9, {"reported_by": "draft"})
         if self.ctx is None:
             return
         w = next((w for w in reversed(self.windows) if w.id == p.window_id), None)
@@ -410,6 +434,8 @@ class DraftTrace:
             w.starts.append(p.started_unix_ns)
             w.durations.append(p.forward_ns)
             w.input_tokens += p.input_tokens
+            w.batch_rows.append(p.batch_rows)
+            w.queue_ns.append(p.queue_ns)
 
     def _close_all(self, keep: int | None) -> list:
         """Start spans for every window that drafted; ``keep`` None: the session ended."""
@@ -421,7 +447,8 @@ class DraftTrace:
             attrs = {"pearl.session_id": self.session, "pearl.window_id": w.id,
                      "pearl.position": w.start, "pearl.tokens_drafted": n,
                      "pearl.gamma": w.goal - w.start, "pearl.input_tokens": w.input_tokens,
-                     "pearl.forward_starts_unix_ns": w.starts, "pearl.forward_ns": w.durations}
+                     "pearl.forward_starts_unix_ns": w.starts, "pearl.forward_ns": w.durations,
+                     "pearl.batch_rows": w.batch_rows, "pearl.queue_ns": w.queue_ns}
             if keep is None:
                 fate = "ended"
             elif w.start + n <= keep:
@@ -464,6 +491,7 @@ class TargetTrace:
             m.target_forwards.add(1, {"reported_by": "service"})
             if phase != "start":
                 m.verify_latency.record(v.forward_ns / 1e9, {"phase": phase})
+            m.queue_wait.record(v.queue_ns / 1e9, {"reported_by": "target"})
         if self.ctx is None:
             return
         start = v.started_unix_ns if v.input_tokens else time.time_ns()
@@ -474,7 +502,8 @@ class TargetTrace:
             "pearl.phase": phase, "pearl.position": v.position, "pearl.verified": v.verified,
             "pearl.accepted": v.accepted, "pearl.rejected": rejected,
             "pearl.committed": v.committed, "pearl.input_tokens": v.input_tokens,
-            "pearl.forward_ns": v.forward_ns})
+            "pearl.forward_ns": v.forward_ns, "pearl.batch_rows": v.batch_rows,
+            "pearl.batch_tokens": v.batch_tokens, "pearl.queue_ns": v.queue_ns})
         span.end(end_time=start + v.forward_ns)
 
     def close(self) -> None:

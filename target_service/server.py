@@ -51,6 +51,7 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
         self.loaded = loaded
         # one batched forward per step over every session's work (specdec/engine.py)
         self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "target")
+        self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
         self.runner = ModelRunner("target", max_sessions or 256)
         self.live = 0
         self.transfer = transfer
