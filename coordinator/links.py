@@ -1,22 +1,91 @@
 """One request's two streams: to the draft and to the target, with their answers merged into one
-queue of events stamped with their arrival time."""
+queue of events stamped with their arrival time.
+
+This is the edge where protobuf ends: each answer is turned into a plain ``Proposal`` or
+``Verdict`` before the schedules see it. What the schedules pass through untouched is opaque to
+them: the sampling parameters and the draft's distribution ``q``, handed to the target as they
+came.
+
+Draft writes never block or raise (``_Outbox``): a dead or unreachable draft cannot stall the
+schedule; its failure arrives as an event from the reader. The channels to draft and target
+reconnect by themselves with a short capped backoff (``BACKEND_OPTIONS``).
+"""
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
+from specdec.serving import CHANNEL_OPTIONS
 from specdec.telemetry import inject_context
+
+BACKEND_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 4000),
+]
+
+
+def draft_down(channel: grpc.aio.Channel | None) -> str | None:
+    """Why a new request should not wait for the draft, or None when it may use it."""
+    if channel is None:
+        return None
+    state = channel.get_state(try_to_connect=True)
+    if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+        return "draft service unreachable at the start of the request (reconnecting)"
+    return None
+
+
+@dataclass
+class Proposal:
+    """A token the draft drafted."""
+
+    window_id: int
+    position: int
+    token_id: int
+    q: Any = None  # the distribution it was drawn from (pb.TokenDistribution; sampling only)
+    forward_ns: int = 0
+    input_tokens: int = 1  # tokens fed in its forward pass (more after a rollback)
+
+
+@dataclass
+class Verdict:
+    """The target's answer to a start or a window at ``position``: the first ``accepted`` of the
+    ``verified`` draft tokens stand, then ``token`` (None: the target holds the distribution of
+    the next position instead of choosing a token)."""
+
+    position: int
+    verified: int
+    accepted: int
+    token: int | None
+    committed: int  # committed length after it
+    window_id: int = 0
+    phase: str = ""  # the phase of the request, echoed ("start" for the prefill)
+    forward_ns: int = 0
+    input_tokens: int = 0  # 0: no forward pass ran (a held verdict)
+    accepted_ids: list[int] = field(default_factory=list)  # hidden transfer: its own drafts kept
+
+
+def proposal_from_pb(p: pb.DraftProposal) -> Proposal:
+    return Proposal(p.window_id, p.position, p.token_id, p.q if p.HasField("q") else None,
+                    p.forward_ns, p.input_tokens)
+
+
+def verdict_from_pb(r: pb.VerifyResult) -> Verdict:
+    return Verdict(r.position, r.verified, r.accepted, r.token_id if r.has_token else None,
+                   r.committed, r.window_id, r.phase, r.forward_ns, r.input_tokens,
+                   list(r.accepted_ids))
 
 
 @dataclass
 class Event:
     source: str  # "draft" or "target"
-    msg: Any  # DraftProposal or VerifyResult; None when the stream ended
+    msg: Proposal | Verdict | None  # None when the stream ended
     arrived_ns: int
     error: grpc.RpcError | None = None
 
@@ -51,16 +120,58 @@ class _Link:
         self.reader.cancel()
         self.call.cancel()
 
+    def cancel(self) -> None:
+        """End the stream now (the service frees its session)."""
+        self.reader.cancel()
+        self.call.cancel()
+
+
+class _Outbox:
+    """A call whose writes are queued and sent in order by a task: ``write`` never blocks nor
+    raises; once a write fails the rest are dropped (the reader reports the failure)."""
+
+    def __init__(self, call):
+        self.call = call
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.writer = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while (msg := await self.queue.get()) is not None:
+                await self.call.write(msg)
+            await self.call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
+
+    async def write(self, msg) -> None:
+        self.queue.put_nowait(msg)
+
+    async def done_writing(self, timeout_s: float = 1.0) -> None:
+        if self.writer.done():  # finished, failed or cancelled (the draft was given up)
+            return
+        self.queue.put_nowait(None)
+        await asyncio.wait({self.writer}, timeout=timeout_s)  # never raises the writer's error
+
+    def __aiter__(self):
+        return self.call.__aiter__()
+
+    def cancel(self) -> bool:
+        self.writer.cancel()
+        return self.call.cancel()
+
 
 class DraftLink(_Link):
     source = "draft"
+
+    def __init__(self, call, events: asyncio.Queue):
+        super().__init__(_Outbox(call), events)
 
     @classmethod
     def open(cls, channel: grpc.aio.Channel, events: asyncio.Queue) -> "DraftLink":
         return cls(pearl_pb2_grpc.DraftServiceStub(channel).Draft(), events)
 
     def _unwrap(self, resp):
-        return resp.proposal
+        return proposal_from_pb(resp.proposal)
 
     async def start(self, session_id: str, prompt_ids: list[int], window_id: int,
                     draft_until: int, sampling: pb.SamplingParams) -> None:
@@ -89,7 +200,7 @@ class TargetLink(_Link):
         return cls(pearl_pb2_grpc.TargetServiceStub(channel).Verify(), events)
 
     def _unwrap(self, resp):
-        return resp.result
+        return verdict_from_pb(resp.result)
 
     async def start(self, session_id: str, prompt_ids: list[int], sampling: pb.SamplingParams,
                     first_token: bool, hidden_transfer: bool = False) -> None:

@@ -1,49 +1,59 @@
-"""The decoding schedules: ar, sd, pearl and hidden-transfer (docs/design.md section 4).
+"""The decoding schedules: ar, sd, pearl and hidden-transfer, and the target going on alone when
+the draft is lost (docs/design.md sections 4 and 11).
 
 Every schedule talks to the target through one Verify stream and (sd, pearl) to the draft through
-one Draft stream, and commits what the target decides. The target's answer to a window of n draft
-tokens at position L is (accepted k, token t): positions L..L+k-1 keep the draft tokens, and
-position L+k gets t: the correction if k < n, the bonus if k == n and a bonus was asked for.
-Without a bonus the target instead *holds* the distribution of position L+n, and the draft's
-token there is judged with it later at no forward-pass cost ("held" verdict). Everything below
-is bookkeeping of that one rule.
+one Draft stream, and commits only what the target decides. The target's answer to a window of n
+draft tokens at position L is a ``Verdict`` (accepted k, token t): positions L..L+k-1 keep the
+draft tokens, and position L+k gets t: the correction if k < n, the bonus if k == n and a bonus
+was asked for. Without a bonus the target instead *holds* the distribution of position L+n, and
+the draft's token there is judged with it later at no forward-pass cost (a "held" window). That
+rule is ``Request.decide``; the schedules only choose what to ask next:
 
-- ar: start (first token), then windows of zero draft tokens: one token per target forward.
-- sd: the draft drafts gamma tokens, the target verifies them (with a bonus), the draft rolls
+- ``Alone`` (ar): windows of zero draft tokens, one token per target forward.
+- ``SD``: the draft drafts gamma tokens, the target verifies them (with a bonus), the draft rolls
   back; strictly in turn.
-- pearl: draft and target run at the same time.
-    pre-verify  (at start and after a rejection): the first token of a new window goes to the
-                target the moment it arrives while the draft drafts the rest of the window.
-    post-verify (after an accepted window): the target verifies the rest of the current window
-                while the draft drafts the next one.
-  A rejection commits the accepted prefix and the correction, rolls the draft back (its windows in
-  flight become stale) and switches to pre. pearl never takes a bonus: after a fully accepted
-  window the draft's own next token (drafted meanwhile) is judged with the held distribution, so
-  every position is decided by the same rule on the draft token at that position. The output is
-  therefore independent of window lengths and of timing, for greedy and seeded sampling alike.
-  gamma = ceil(t_verify / t_draft) from the services' measured forward times, clamped to
-  [1, gamma_max], unless a fixed gamma is asked for.
-- hidden-transfer: the target alone, drafting for itself (target_service/hidden_transfer.py):
+- ``Pearl``: draft and target at the same time (the state machine is described on the class).
+- ``HiddenTransfer``: the target alone, drafting for itself (target_service/hidden_transfer.py):
   every window is empty and the target answers with the drafts it accepted plus its own token.
+
+The draft is an accelerator, not a dependency. When its stream fails, closes, refuses the session,
+or sends nothing for ``Plan.draft_timeout_s`` while the schedule waits on it alone,
+``Request.next_event`` raises ``DraftLost``; ``decode`` then hands the request to ``Alone``, which
+first applies the target's answers still due (requests sent but not consumed: ``Request.due``) by
+the same rule, then goes on with empty windows. When the target holds a distribution (pearl),
+the first empty window is answered from it without a forward pass. Lossless because every
+schedule commits only what the target decides: greedy output is identical to an undisturbed run;
+sampled output keeps the target's exact distribution (the seeded draws at positions decided after
+the loss differ from a pearl run's, as a different rule decides them).
 """
 
+import asyncio
 import math
+from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
-from coordinator.fallback import DEFAULT_DRAFT_TIMEOUT_S, next_live_event
-from coordinator.links import DraftLink, Event, TargetLink
+from coordinator.links import DraftLink, Event, Proposal, TargetLink, Verdict
 from coordinator.output import Output
-from specdec.defaults import DEFAULT_GAMMA, DEFAULT_GAMMA_MAX
+from specdec.defaults import DEFAULT_DRAFT_TIMEOUT_S, DEFAULT_GAMMA, DEFAULT_GAMMA_MAX
 from specdec.stats import Recorder
 
 
 class ServiceLost(RuntimeError):
-    """A model service's stream ended or failed in the middle of a request."""
+    """The target's stream ended or failed in the middle of a request."""
 
     def __init__(self, source: str, detail: str, code=None):
         super().__init__(f"{source} service stream ended during the request: {detail}")
         self.source = source
         self.code = code  # the grpc.StatusCode the service ended with, if any
+
+
+class DraftLost(RuntimeError):
+    """The draft can no longer help this request: the target finishes it alone."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -56,8 +66,8 @@ class Plan:
     max_positions: int  # the smaller of the two models' context lengths
     gamma: int | None = None  # fixed window; None = adaptive (pearl)
     gamma_max: int = DEFAULT_GAMMA_MAX
-    sampling: object = None  # SamplingParams, passed to the services as it is
-    draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S  # a silent draft is given up (fallback.py)
+    sampling: object = None  # pb.SamplingParams, passed to the services as it is
+    draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S  # a silent draft is given up
 
 
 class Timing:
@@ -87,16 +97,119 @@ class Timing:
         return max(1, min(gamma_max, math.ceil(self.t_verify / self.t_draft)))
 
 
-class Schedule:
-    """State and helpers shared by the schedules: the committed sequence and the event queue."""
+@dataclass
+class Asked:
+    """A request sent to the target whose verdict has not been consumed yet."""
 
-    def __init__(self, plan: Plan, target: TargetLink, draft: DraftLink | None, events,
-                 out: Output, rec: Recorder, timing: Timing):
+    draft_ids: list[int]
+    window_id: int = 0  # 0: a start or an empty (ar) window
+    offset: int = 0  # position of the first draft token within its window (statistics)
+
+
+# -- the request: state and rules shared by every schedule ---------------------------------------
+
+class Request:
+    """One request's committed sequence, its two links and their events, the target's answers
+    still due, the output and the statistics; and the one rule by which a verdict commits."""
+
+    def __init__(self, plan: Plan, target: TargetLink, draft: DraftLink | None,
+                 events: asyncio.Queue, out: Output, rec: Recorder, timing: Timing):
         self.plan, self.target, self.draft = plan, target, draft
         self.events, self.out, self.rec, self.timing = events, out, rec, timing
         self.committed = list(plan.prompt_ids)
+        self.due: deque[Asked] = deque()  # the target answers these in order
+        self.target_started = False
         self.next_window_id = 1
-        self.draft_lost: str | None = None  # why the target goes on alone (coordinator/fallback.py)
+        self.draft_lost: str | None = None  # why the target goes on alone
+
+    # -- asking the target
+
+    async def start_target(self, first_token: bool, hidden_transfer: bool = False) -> None:
+        self.target_started = True
+        self.due.append(Asked([]))
+        await self.target.start(self.plan.session_id, self.plan.prompt_ids, self.plan.sampling,
+                                first_token, hidden_transfer=hidden_transfer)
+
+    async def ask(self, draft_ids: list[int], qs: list, window_id: int, phase: str,
+                  offset: int = 0, bonus: bool = False, held: bool = False) -> None:
+        """Verify ``draft_ids`` at the committed end."""
+        self.due.append(Asked(list(draft_ids), window_id, offset))
+        await self.target.verify(len(self.committed), list(draft_ids), qs, window_id, phase,
+                                 bonus=bonus, held=held)
+
+    # -- the commit rule
+
+    def decide(self, v: Verdict) -> bool:
+        """Commit what the target decided for the oldest request due: the accepted prefix of
+        the draft tokens, then its own token if it chose one. True when generation has ended."""
+        asked = self.due.popleft()
+        if asked.window_id:
+            self.rec.verified(asked.window_id, asked.offset, v.verified, v.accepted)
+        drafts = asked.draft_ids or v.accepted_ids  # hidden transfer: it drafted them itself
+        return self.commit(drafts[: v.accepted] + ([] if v.token is None else [v.token]))
+
+    def commit(self, ids: list[int]) -> bool:
+        self.committed.extend(ids)
+        self.rec.committed()
+        return self.out.commit(ids)
+
+    # -- events
+
+    async def next_event(self) -> Event:
+        """The next answer of either service, its forward pass recorded. Raises ServiceLost when
+        the target's stream ends, DraftLost when the draft's ends or it stays silent while only
+        it can wake us; once the draft is lost, its events are dropped."""
+        while True:
+            timeout = None
+            if (self.draft is not None and self.draft_lost is None and self.plan.draft_timeout_s
+                    and not self.due):
+                timeout = self.plan.draft_timeout_s
+            try:
+                ev: Event = await asyncio.wait_for(self.events.get(), timeout)
+            except asyncio.TimeoutError:
+                raise DraftLost(f"no draft proposal within {timeout:g} s") from None
+            if ev.source == "target":
+                if ev.msg is None:
+                    detail = ev.error.details() if ev.error is not None else "closed by the service"
+                    raise ServiceLost("target", detail,
+                                      ev.error.code() if ev.error is not None else None)
+                v: Verdict = ev.msg
+                if v.input_tokens:  # a held verdict ran no forward pass
+                    self.rec.target_forward(ev.arrived_ns, v.forward_ns, v.input_tokens,
+                                            prefill=v.phase == "start")
+                    if v.phase not in ("start", "ht"):  # pearl's gamma: draft-verify windows
+                        self.timing.verify(v.forward_ns)
+                return ev
+            if self.draft_lost is not None:
+                continue
+            if ev.msg is None:
+                if ev.error is not None:
+                    raise DraftLost(f"draft stream failed: {ev.error.code().name}: "
+                                    f"{ev.error.details()}")
+                raise DraftLost("draft stream closed by the service")
+            p: Proposal = ev.msg
+            self.rec.draft_forward(ev.arrived_ns, p.forward_ns, p.input_tokens)
+            self.timing.draft(p.forward_ns, p.input_tokens)
+            return ev
+
+    async def next_verdict(self) -> Verdict:
+        """The target's next verdict (sequential schedules: a draft event now is stale)."""
+        while (ev := await self.next_event()).source != "target":
+            self.rec.stale += 1
+        return ev.msg
+
+    async def next_proposal(self) -> Proposal:
+        while (ev := await self.next_event()).source != "draft":
+            self.rec.stale += 1
+        return ev.msg
+
+    def lose_draft(self, reason: str) -> None:
+        self.draft_lost = reason
+        self.rec.fallback_reason = reason
+        if self.draft is not None:
+            self.draft.cancel()  # frees the draft's session if it is still there
+
+    # -- windows
 
     def window_len(self, gamma: int, start: int) -> int:
         """gamma, trimmed so the draft never drafts past the last useful position."""
@@ -104,92 +217,74 @@ class Schedule:
         room = self.plan.max_positions - 1 - start
         return max(1, min(gamma, left - 1, room))
 
-    def commit(self, ids: list[int]) -> bool:
-        """Commit ids (already decided by the target); True when generation has ended."""
-        self.committed.extend(ids)
-        self.rec.committed()
-        return self.out.commit(ids)
-
-    async def next_event(self) -> Event:
-        ev: Event = await next_live_event(self)  # DraftLost when the draft fails or stalls
-        if ev.msg is None:
-            detail = ev.error.details() if ev.error is not None else "closed by the service"
-            raise ServiceLost(ev.source, detail, ev.error.code() if ev.error is not None else None)
-        if ev.source == "draft":
-            self.rec.draft_forward(ev.arrived_ns, ev.msg.forward_ns, ev.msg.input_tokens)
-            self.timing.draft(ev.msg.forward_ns, ev.msg.input_tokens)
-        elif ev.msg.input_tokens:  # a held verdict ran no forward pass
-            self.rec.target_forward(ev.arrived_ns, ev.msg.forward_ns, ev.msg.input_tokens,
-                                    prefill=ev.msg.phase == "start")
-            if ev.msg.phase not in ("start", "ht"):  # pearl's gamma: draft-verify windows only
-                self.timing.verify(ev.msg.forward_ns)
-        return ev
-
-    async def next_from(self, source: str):
-        """The next message from ``source`` (sequential schedules expect nothing else)."""
-        while True:
-            ev = await self.next_event()
-            if ev.source == source:
-                return ev.msg
-            self.rec.stale += 1
-
     def take_window_id(self) -> int:
         self.next_window_id += 1
         return self.next_window_id - 1
 
 
-async def run_ar(s: Schedule) -> None:
-    """The target alone: one token per forward pass."""
-    await s.target.start(s.plan.session_id, s.plan.prompt_ids, s.plan.sampling, True)
-    while True:
-        r = await s.next_from("target")
-        if s.commit([r.token_id]):
-            return
-        await s.target.verify(len(s.committed), [], [], 0, "ar", bonus=True)
+# -- the schedules --------------------------------------------------------------------------------
+
+class Schedule:
+    def __init__(self, r: Request):
+        self.r = r
+
+    async def run(self) -> None:
+        raise NotImplementedError
 
 
-async def run_hidden_transfer(s: Schedule) -> None:
+class Alone(Schedule):
+    """The target alone, one token per forward pass: the ar mode, and the fallback of every
+    schedule from where it stands (the target's answers still due are applied first)."""
+
+    async def run(self) -> None:
+        r = self.r
+        if not r.target_started:
+            await r.start_target(first_token=True)
+        while True:
+            while r.due:
+                if r.decide(await r.next_verdict()):
+                    return
+            await r.ask([], [], 0, "ar", bonus=True)
+
+
+class HiddenTransfer(Schedule):
     """The target alone, drafting for itself: several tokens per forward pass, no draft."""
-    await s.target.start(s.plan.session_id, s.plan.prompt_ids, s.plan.sampling, True,
-                         hidden_transfer=True)
-    r = await s.next_from("target")
-    if s.commit([r.token_id]):
-        return
-    while True:
-        wid = s.take_window_id()
-        await s.target.verify(len(s.committed), [], [], wid, "ht")
-        r = await s.next_from("target")
-        s.rec.window(r.verified)  # future positions the tree offered
-        s.rec.verified(wid, 0, r.verified, r.accepted)
-        if s.commit(list(r.accepted_ids) + [r.token_id]):
+
+    async def run(self) -> None:
+        r = self.r
+        await r.start_target(first_token=True, hidden_transfer=True)
+        if r.decide(await r.next_verdict()):
             return
+        while True:
+            await r.ask([], [], r.take_window_id(), "ht")
+            v = await r.next_verdict()
+            r.rec.window(v.verified)  # future positions the tree offered
+            if r.decide(v):
+                return
 
 
-async def run_sd(s: Schedule, gamma: int) -> None:
+class SD(Schedule):
     """Vanilla speculative decoding: draft a window, verify it, roll back; strictly in turn."""
-    await s.target.start(s.plan.session_id, s.plan.prompt_ids, s.plan.sampling, True)
-    r = await s.next_from("target")
-    if s.commit([r.token_id]):
-        return
-    n = s.window_len(gamma, len(s.committed))
-    wid = s.take_window_id()
-    s.rec.window(n)
-    await s.draft.start(s.plan.session_id, s.committed, wid, len(s.committed) + n,
-                        s.plan.sampling)
-    while True:
-        position = len(s.committed)
-        props = [await s.next_from("draft") for _ in range(n)]
-        window = [p.token_id for p in props]
-        qs = [p.q if p.HasField("q") else None for p in props]
-        await s.target.verify(position, window, qs, wid, "sd", bonus=True)
-        r = await s.next_from("target")
-        s.rec.verified(wid, 0, len(window), r.accepted)
-        if s.commit(window[: r.accepted] + [r.token_id]):
+
+    async def run(self) -> None:
+        r, gamma = self.r, self.r.plan.gamma
+        await r.start_target(first_token=True)
+        if r.decide(await r.next_verdict()):
             return
-        n = s.window_len(gamma, len(s.committed))
-        wid = s.take_window_id()
-        s.rec.window(n)
-        await s.draft.rollback(position + r.accepted, [r.token_id], wid, len(s.committed) + n)
+        n, wid = r.window_len(gamma, len(r.committed)), r.take_window_id()
+        r.rec.window(n)
+        await r.draft.start(r.plan.session_id, r.committed, wid, len(r.committed) + n,
+                            r.plan.sampling)
+        while True:
+            position = len(r.committed)
+            props = [await r.next_proposal() for _ in range(n)]
+            await r.ask([p.token_id for p in props], [p.q for p in props], wid, "sd", bonus=True)
+            v = await r.next_verdict()
+            if r.decide(v):
+                return
+            n, wid = r.window_len(gamma, len(r.committed)), r.take_window_id()
+            r.rec.window(n)
+            await r.draft.rollback(position + v.accepted, [v.token], wid, len(r.committed) + n)
 
 
 @dataclass
@@ -199,49 +294,121 @@ class Window:
     end: int  # one past the last position
 
 
-class Pearl(Schedule):
-    """PEARL: pre-verify and post-verify with the mode switch, over the two streams."""
+Phase = Literal["pre", "held", "post"]
 
-    async def run(self) -> None:
-        self.mode = "pre"
+
+class Pearl(Schedule):
+    """PEARL: draft and target at the same time, one verification in flight at a time.
+
+    The phase says what the target does next with the committed end L:
+
+    - ``pre``: the first token of a window, sent the moment the draft proposes it, while the draft
+      drafts the rest of the window (a forward pass of the target).
+    - ``held``: the target holds the distribution of position L (after its prefill, or after
+      accepting every token it verified: pearl never takes a bonus); the draft's token at L is
+      judged with it, with no forward pass.
+    - ``post``: the rest of the current window, once drafted, while the draft drafts the next
+      window (a forward pass).
+
+    pre -> held -> post -> held -> post ... while every token is accepted; the start is a pre
+    without draft tokens. A rejection commits the accepted prefix and the target's correction,
+    rolls the draft back (its windows in flight become stale) and goes back to pre. Every position
+    is decided by the same rule on the draft token at that position, so the output is independent
+    of window lengths and timing, for greedy and seeded sampling alike. gamma = ceil(t_verify /
+    t_draft) from the services' measured forward times, clamped to [1, gamma_max], unless a fixed
+    gamma is asked for.
+    """
+
+    def __init__(self, r: Request):
+        super().__init__(r)
+        self.phase: Phase = "pre"
         self.drafted: dict[int, tuple[int, int, object]] = {}  # position -> (token, window, q)
         self.windows: list[Window] = []  # the draft's live windows, in order
-        self.starts: dict[int, int] = {}  # window id -> start position (for statistics)
+        self.starts: dict[int, int] = {}  # window id -> start position (statistics)
         self.oldest_live = 1  # proposals of older windows are stale
-        self.inflight: tuple[int, list[int], int] | None = (len(self.committed), [], 0)
-        self.held = False  # the target holds the distribution of the next position
+        self.until = 0  # the draft drafts up to here
 
-        prompt = self.plan.prompt_ids
+    async def run(self) -> None:
+        r = self.r
         # Both prefill at once; the target holds the first position's distribution.
-        await self.target.start(self.plan.session_id, prompt, self.plan.sampling, False)
-        w = self.open_window(len(prompt))
-        await self.draft.start(self.plan.session_id, prompt, w.id, w.end, self.plan.sampling)
+        await r.start_target(first_token=False)
+        w = self.open_window(len(r.committed))
+        await r.draft.start(r.plan.session_id, r.committed, w.id, w.end, r.plan.sampling)
         while True:
-            ev = await self.next_event()
-            done = (self.on_proposal(ev.msg) if ev.source == "draft"
-                    else await self.on_verdict(ev.msg))
-            if done:
+            ev = await r.next_event()
+            if ev.source == "draft":
+                self.on_proposal(ev.msg)
+            elif await self.on_verdict(ev.msg):
                 return
             await self.send_verify()
 
-    # -- windows -----------------------------------------------------------------------------
+    # -- events
+
+    def on_proposal(self, p: Proposal) -> None:
+        if p.window_id < self.oldest_live:
+            self.r.rec.stale += 1
+        elif p.position >= len(self.r.committed):
+            self.drafted[p.position] = (p.token_id, p.window_id, p.q)
+
+    async def on_verdict(self, v: Verdict) -> bool:
+        for q in range(v.position, v.position + v.verified):
+            self.drafted.pop(q, None)
+        if self.r.decide(v):
+            return True
+        if v.token is not None:  # a rejection: the correction replaced the draft token
+            await self.rollback(v.position + v.accepted, v.token)
+        elif self.phase == "held":  # the held distribution is used up
+            self.phase = "post"
+        else:  # all accepted (or the prefill): the target holds the next position's distribution
+            self.phase = "held"
+        return False
+
+    # -- the target's next job
+
+    async def send_verify(self) -> None:
+        if self.r.due:  # one verification in flight at a time
+            return
+        L = len(self.r.committed)
+        self.windows = [w for w in self.windows if w.end > L]
+        if not self.windows:  # the draft has drafted all it was asked for (until == L)
+            await self.extend()
+            if self.phase == "post":  # nothing left to post-verify: the new window starts
+                self.phase = "pre"
+            return
+        if L not in self.drafted:
+            return
+        if self.phase in ("held", "pre"):  # one token: the moment it exists
+            await self.verify([L])
+        else:  # post: the rest of the current window, once drafted
+            w = self.windows[0]
+            if all(q in self.drafted for q in range(L, w.end)):
+                await self.verify(list(range(L, w.end)))
+                if len(self.windows) == 1:  # draft the next window while the target verifies
+                    await self.extend()
+
+    async def verify(self, positions: list[int]) -> None:
+        tokens, wids, qs = zip(*(self.drafted[q] for q in positions))
+        await self.r.ask(list(tokens), list(qs), wids[0], self.phase,
+                         offset=positions[0] - self.starts[wids[0]], held=self.phase == "held")
+
+    # -- the draft's windows
 
     def gamma(self) -> int:
-        return self.plan.gamma or self.timing.gamma(self.plan.gamma_max)
+        return self.r.plan.gamma or self.r.timing.gamma(self.r.plan.gamma_max)
 
     def open_window(self, start: int) -> Window:
-        n = self.window_len(self.gamma(), start)
-        w = Window(self.take_window_id(), start, start + n)
+        n = self.r.window_len(self.gamma(), start)
+        w = Window(self.r.take_window_id(), start, start + n)
         self.windows.append(w)
-        self.until = w.end  # the draft drafts up to here
+        self.until = w.end
         self.starts[w.id] = start
-        self.rec.window(n)
+        self.r.rec.window(n)
         return w
 
     async def extend(self) -> None:
         """Ask the draft for the next window right after the last one."""
         w = self.open_window(self.until)
-        await self.draft.extend(w.id, w.end)
+        await self.r.draft.extend(w.id, w.end)
 
     async def rollback(self, keep: int, token: int) -> None:
         """The draft keeps ``keep`` tokens, appends the target's token, starts a fresh window."""
@@ -249,60 +416,21 @@ class Pearl(Schedule):
         self.drafted.clear()
         w = self.open_window(keep + 1)
         self.oldest_live = w.id
-        self.mode = "pre"
-        await self.draft.rollback(keep, [token], w.id, w.end)
+        self.phase = "pre"
+        await self.r.draft.rollback(keep, [token], w.id, w.end)
 
-    # -- events ------------------------------------------------------------------------------
 
-    def on_proposal(self, p) -> bool:
-        if p.window_id < self.oldest_live:
-            self.rec.stale += 1
-        elif p.position >= len(self.committed):
-            self.drafted[p.position] = (p.token_id, p.window_id, p.q if p.HasField("q") else None)
-        return False
+SCHEDULES: dict[str, type[Schedule]] = {
+    "ar": Alone, "sd": SD, "pearl": Pearl, "hidden-transfer": HiddenTransfer}
 
-    async def on_verdict(self, r) -> bool:
-        position, sent, wid = self.inflight
-        self.inflight = None
-        if sent:
-            self.rec.verified(wid, position - self.starts[wid], len(sent), r.accepted)
-        for q in range(position, position + len(sent)):
-            self.drafted.pop(q, None)
-        if self.commit(sent[: r.accepted] + ([r.token_id] if r.has_token else [])):
-            return True
-        if r.has_token:  # a rejection: the correction replaces the draft token
-            await self.rollback(position + r.accepted, r.token_id)
-        elif sent:  # all accepted: go on verifying behind them
-            self.mode = "post"
-        self.held = not r.has_token and r.phase != "held"  # a held verdict used it up
-        return False
 
-    # -- the target's next job ---------------------------------------------------------------
-
-    async def send_verify(self) -> None:
-        if self.inflight is not None:
-            return
-        L = len(self.committed)
-        self.windows = [w for w in self.windows if w.end > L]
-        if not self.windows:  # the draft has drafted all it was asked for (until == L)
-            await self.extend()
-            self.mode = "pre"
-            return
-        if L not in self.drafted:
-            return
-        if self.held:  # judge the draft's token with the held distribution: no forward pass
-            await self.verify([L], "held")
-        elif self.mode == "pre":  # the window's first token, the moment it exists
-            await self.verify([L], "pre")
-        else:  # the rest of the current window, once drafted
-            w = self.windows[0]
-            if all(q in self.drafted for q in range(L, w.end)):
-                await self.verify(range(L, w.end), "post")
-                if len(self.windows) == 1:  # draft the next window while the target verifies
-                    await self.extend()
-
-    async def verify(self, positions, phase: str) -> None:
-        tokens, wids, qs = zip(*(self.drafted[q] for q in positions))
-        self.inflight = (positions[0], list(tokens), wids[0])
-        await self.target.verify(positions[0], list(tokens), list(qs), wids[0], phase,
-                                 held=phase == "held")
+async def decode(schedule: Schedule, draft_down: str | None = None) -> None:
+    """Run ``schedule``; when the draft is lost (or was down from the start: ``draft_down``), the
+    target finishes the request alone from where the schedule stands."""
+    try:
+        if draft_down is not None:
+            raise DraftLost(draft_down)
+        await schedule.run()
+    except DraftLost as e:
+        schedule.r.lose_draft(e.reason)
+        await Alone(schedule.r).run()

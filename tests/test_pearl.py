@@ -3,16 +3,15 @@
 import asyncio
 import copy
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cluster import Cluster
 from conftest import greedy_reference, noisy_copy
-from coordinator.links import Event
+from coordinator.links import Event, Proposal, Verdict
 from coordinator.output import Output
-from coordinator.schedule import Pearl, Plan, Timing
+from coordinator.schedule import Pearl, Plan, Request, Timing
 from pearl.client import Client
 from specdec.models import LoadedModel, tiny_loaded, tiny_tokenizer
 from specdec.stats import Recorder, intersection
@@ -31,16 +30,13 @@ class FakeLink:
 
 
 def proposal(window_id, position, token):
-    return SimpleNamespace(window_id=window_id, position=position, token_id=token,
-                           forward_ns=1000, input_tokens=1, HasField=lambda name: False)
+    return Proposal(window_id, position, token, forward_ns=1000, input_tokens=1)
 
 
 def verdict(position, verified, accepted, token=None, phase="post"):
-    has = token is not None
-    return SimpleNamespace(position=position, verified=verified, accepted=accepted,
-                           token_id=token or 0, has_token=has,
-                           committed=position + accepted + has, forward_ns=3000,
-                           input_tokens=0 if phase == "held" else verified + 1, phase=phase)
+    return Verdict(position, verified, accepted, token,
+                   committed=position + accepted + (token is not None), phase=phase,
+                   forward_ns=3000, input_tokens=0 if phase == "held" else verified + 1)
 
 
 def test_stale_proposals_are_dropped_and_modes_switch():
@@ -51,38 +47,39 @@ def test_stale_proposals_are_dropped_and_modes_switch():
                     sampling="S")
         out = Output(tiny_tokenizer(), 50, [], [])
         rec = Recorder("pearl", L)
-        p = Pearl(plan, target, draft, events, out, rec, Timing())
+        p = Pearl(Request(plan, target, draft, events, out, rec, Timing()))
         task = asyncio.create_task(p.run())
         put = lambda src, msg: events.put_nowait(Event(src, msg, time.monotonic_ns()))
         settle = lambda: asyncio.sleep(0.01)
 
         await settle()
-        assert target.calls[0] == ("start", "s", [1, 2, 3, 4], "S", False)  # no first token
+        assert target.calls[0] == ("start", "s", [1, 2, 3, 4], "S", False, False)  # no first token
         assert draft.calls[0] == ("start", "s", [1, 2, 3, 4], 1, L + 3, "S")
         put("draft", proposal(1, L, 50))
         put("target", verdict(L, 0, 0, phase="start"))  # the target holds position L
         await settle()
-        assert target.calls[-1] == ("verify", L, [50], [None], 1, "held", True)
+        assert p.phase == "held"
+        assert target.calls[-1] == ("verify", L, [50], [None], 1, "held", False, True)
         put("target", verdict(L, 1, 1, phase="held"))  # accepted without a forward pass
         await settle()
-        assert p.mode == "post" and p.committed[-1] == 50 and rec.target_forwards == 1
+        assert p.phase == "post" and p.r.committed[-1] == 50 and rec.target_forwards == 1
         put("draft", proposal(1, L + 1, 51))
         put("draft", proposal(1, L + 2, 52))
         await settle()
-        assert target.calls[-1] == ("verify", L + 1, [51, 52], [None, None], 1, "post", False)
+        assert target.calls[-1] == ("verify", L + 1, [51, 52], [None, None], 1, "post", False, False)
         assert draft.calls[-1] == ("extend", 2, L + 6)  # next window drafted meanwhile
         put("draft", proposal(2, L + 3, 53))
         put("target", verdict(L + 1, 2, 1, 99))  # 52 rejected, correction 99
         await settle()
-        assert p.mode == "pre" and not p.held
+        assert p.phase == "pre"
         assert draft.calls[-1] == ("rollback", L + 2, [99], 3, L + 6)
         put("draft", proposal(2, L + 4, 54))  # window 2 is stale now
         await settle()
         assert rec.stale == 1 and L + 4 not in p.drafted
         put("draft", proposal(3, L + 3, 60))  # the new window's first token: pre-verify at once
         await settle()
-        assert target.calls[-1] == ("verify", L + 3, [60], [None], 3, "pre", False)
-        assert p.committed[L:] == [50, 51, 99]
+        assert target.calls[-1] == ("verify", L + 3, [60], [None], 3, "pre", False, False)
+        assert p.r.committed[L:] == [50, 51, 99]
         task.cancel()
 
     asyncio.run(scenario())
@@ -95,11 +92,14 @@ def timed(loaded: LoadedModel) -> tuple[LoadedModel, list]:
     """A copy of ``loaded`` whose forward passes record their [start, end) monotonic times."""
     model = copy.deepcopy(loaded.model)
     spans: list[tuple[int, int]] = []
-    model.register_forward_pre_hook(lambda m, a: spans.append((time.monotonic_ns(), None)))
+    # a pass starts at the embeddings and ends at the LM head, in transformers' forward and in
+    # the engine's batched one alike
+    model.model.embed_tokens.register_forward_pre_hook(
+        lambda m, a: spans.append((time.monotonic_ns(), None)))
 
     def done(m, a, out):
         spans[-1] = (spans[-1][0], time.monotonic_ns())
-    model.register_forward_hook(done)
+    model.lm_head.register_forward_hook(done)
     return LoadedModel(loaded.name, model, loaded.tokenizer, loaded.device, loaded.dtype), spans
 
 
