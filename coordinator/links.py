@@ -51,6 +51,7 @@ class Proposal:
     q: Any = None  # the distribution it was drawn from (pb.TokenDistribution; sampling only)
     forward_ns: int = 0
     input_tokens: int = 1  # tokens fed in its forward pass (more after a rollback)
+    queue_ns: int = 0  # time its step waited in the draft's engine queue
 
 
 @dataclass
@@ -69,17 +70,19 @@ class Verdict:
     forward_ns: int = 0
     input_tokens: int = 0  # 0: no forward pass ran (a held verdict)
     accepted_ids: list[int] = field(default_factory=list)  # hidden transfer: its own drafts kept
+    queue_ns: int = 0  # time the forward pass waited in the target's engine queue
+    batch_rows: int = 0  # sessions in that engine step (0: no forward pass ran)
 
 
 def proposal_from_pb(p: pb.DraftProposal) -> Proposal:
     return Proposal(p.window_id, p.position, p.token_id, p.q if p.HasField("q") else None,
-                    p.forward_ns, p.input_tokens)
+                    p.forward_ns, p.input_tokens, p.queue_ns)
 
 
 def verdict_from_pb(r: pb.VerifyResult) -> Verdict:
     return Verdict(r.position, r.verified, r.accepted, r.token_id if r.has_token else None,
                    r.committed, r.window_id, r.phase, r.forward_ns, r.input_tokens,
-                   list(r.accepted_ids))
+                   list(r.accepted_ids), r.queue_ns, r.batch_rows)
 
 
 @dataclass
