@@ -6,8 +6,11 @@ package. Both come from `make k8s-tools` (scripts/install-k8s-tools.sh). Schemas
 unknown field is an error), and each object is checked against the oldest Kubernetes these
 manifests support (1.27: gRPC probes are GA there) and the newest the validator knows.
 
-    python k8s/validate.py                 # every overlay under k8s/overlays
+    python k8s/validate.py                 # every overlay under k8s/overlays, and the examples
     python k8s/validate.py gpu -v 1.30.0   # one overlay, one Kubernetes version
+
+The examples are plain manifests outside the overlays (k8s/monitoring: the Prometheus adapter's
+rule for the autoscalers' metric); they are validated as they are.
 
 kubectl is $KUBECTL, else the one installed beside this Python (the project's .venv), else the
 first on PATH.
@@ -24,6 +27,7 @@ from pathlib import Path
 
 K8S_DIR = Path(__file__).resolve().parent
 OVERLAYS_DIR = K8S_DIR / "overlays"
+EXAMPLES_DIR = K8S_DIR / "monitoring"
 VERSIONS = ("1.27.0", "1.37.0")
 
 
@@ -66,6 +70,14 @@ def render(overlay: str, kubectl: str | None = None) -> list[dict]:
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
+def examples() -> dict[str, list[dict]]:
+    """The example manifests (file name -> its objects)."""
+    import yaml
+
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d]
+            for p in sorted(EXAMPLES_DIR.glob("*.yaml"))}
+
+
 def name_of(obj: dict) -> str:
     return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
 
@@ -96,7 +108,8 @@ def validate_objects(objs: list[dict], versions: tuple[str, ...] = VERSIONS) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("overlays", nargs="*", help="overlay names (default: all under k8s/overlays)")
+    p.add_argument("overlays", nargs="*",
+                   help="overlay names (default: all under k8s/overlays, and the examples)")
     p.add_argument("-v", "--version", action="append", dest="versions",
                    help=f"Kubernetes version to validate against (default: {', '.join(VERSIONS)})")
     a = p.parse_args(argv)
@@ -121,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                 kinds = sorted({o["kind"] for o in objs})
                 print(f"ok   {overlay}: {len(objs)} objects ({', '.join(kinds)}) valid for "
                       f"Kubernetes {', '.join(versions)}")
+        for name, objs in ({} if a.overlays else examples()).items():
+            errors = validate_objects(objs, versions)
+            failed += bool(errors)
+            print(f"{'FAIL' if errors else 'ok  '} monitoring/{name}")
+            for line in errors:
+                print(f"  {line}")
     except ToolMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,10 @@
 """The Kubernetes manifests (k8s/) render, validate against the Kubernetes schemas, and agree with
 the code: the container args parse with the real `pearl serve` parser, ports and probes match what
 the servers listen on and register, the gpu overlay keeps draft and target on distinct GPU nodes,
-and only the coordinator may reach draft and target.
+only the coordinator may reach draft and target on their gRPC ports (Prometheus, from namespace
+`monitoring`, only their metrics port), the coordinator finds every draft and target pod through
+headless Services, and the gpu overlay scales draft and target on the sessions they export, with
+disruption budgets that keep serving through a node drain.
 
 Needs kubectl and kubernetes-validate (`make k8s-tools`); without them these tests fail, they do
 not skip.
@@ -22,9 +25,11 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.replicas import parse_target
 from pearl import cli
 from protos.v1 import pearl_pb2
 from specdec import model_store
+from specdec.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("k8s_validate", ROOT / "k8s" / "validate.py")
@@ -38,6 +43,9 @@ PROTO_SERVICE = {"draft": "DraftService", "target": "TargetService", "coordinato
 PEARL_NAME = {"app.kubernetes.io/name": "pearl"}
 STARTUP_MIN_S = 15 * 60
 GPU = "nvidia.com/gpu"
+# who scrapes /metrics (networkpolicies.yaml): Prometheus's pods in namespace `monitoring`
+MONITORING_NS = "monitoring"
+PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus"}
 
 _rendered: dict[str, list[dict]] = {}
 
@@ -214,8 +222,10 @@ def test_args_ports_and_probes_match_the_cli(overlay, role):
     port = listen_port(a)
     dep = role_deployment(objs, role)
     c = the_container(dep)
-    assert [p["containerPort"] for p in c["ports"]] == [port], \
-        f"{role}: containerPorts {c['ports']} but `pearl serve` listens on {port}"
+    ports = {p.get("name"): p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": port, "metrics": a.metrics_port}, \
+        f"{role}: containerPorts {c['ports']} but `pearl serve` listens on {port} (gRPC) and " \
+        f"{a.metrics_port} (--metrics-port)"
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = c.get(kind)
         assert probe and "grpc" in probe, f"{role}: no gRPC {kind}"
@@ -224,8 +234,8 @@ def test_args_ports_and_probes_match_the_cli(overlay, role):
         assert probe["grpc"].get("service") == health_name(role), \
             f"{role}: {kind} asks for {probe['grpc'].get('service')!r}, the server registers " \
             f"{health_name(role)!r}"
-    # the Service in front of it reaches that port
-    named = {p.get("name"): p["containerPort"] for p in c["ports"]}
+    # the Service in front of it reaches the gRPC port
+    named = ports
     services = [s for s in of_kind(objs, "Service") if service_selects(s, pod_labels(dep))]
     assert len(services) == 1, f"{role}: {len(services)} Services select its pods"
     for sp in services[0]["spec"]["ports"]:
@@ -233,22 +243,49 @@ def test_args_ports_and_probes_match_the_cli(overlay, role):
         assert named.get(target, target) == port, f"{role}: Service port {sp} misses {port}"
 
 
+def namespace_of(obj) -> str:
+    return obj["metadata"].get("namespace", "default")
+
+
+def service_for_host(host: str, services: dict, ns: str):
+    """The Service a name resolves to from a pod in namespace ``ns``: NAME (the pod's namespace
+    is searched first), NAME.NS, NAME.NS.svc or NAME.NS.svc.cluster.local; None otherwise."""
+    name, *rest = host.split(".")
+    if rest in ([], [ns], [ns, "svc"], [ns, "svc", "cluster", "local"]):
+        return services.get(name)
+    return None
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_coordinator_points_at_the_draft_and_target_services(overlay):
+def test_coordinator_points_at_the_headless_services(overlay):
+    """--draft and --target are dns:/// names of headless Services (clusterIP None) that select
+    exactly that role's pods on its gRPC port: the name resolves to every ready pod and the
+    coordinator spreads sessions over them. A ClusterIP name would be one replica to it (one
+    connection to one pod), a plain host:port too."""
     objs = render(overlay)
     a = parse_serve(objs, "coordinator")
-    services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")}
+    ns = namespace_of(role_deployment(objs, "coordinator"))
+    services = {s["metadata"]["name"]: s for s in of_kind(objs, "Service")
+                if namespace_of(s) == ns}
+    pods = all_pod_labels(objs)
     for role, addr in (("draft", a.draft), ("target", a.target)):
         assert addr, f"coordinator: no --{role} address"
-        host, _, port = addr.rpartition(":")
-        name = host.split(".")[0]
-        assert name in services, f"--{role} {addr}: no Service {name!r}"
-        svc = services[name]
-        assert service_selects(svc, pod_labels(role_deployment(objs, role))), \
-            f"--{role} {addr}: Service {name} does not select the {role} pods"
-        assert int(port) in [p["port"] for p in svc["spec"]["ports"]], \
-            f"--{role} {addr}: Service {name} has no port {port}"
-        assert int(port) == listen_port(parse_serve(objs, role))
+        t = parse_target(addr)  # the coordinator's own parser
+        assert t.dynamic, f"--{role} {addr}: not a dns: name, so the coordinator sees one replica"
+        svc = service_for_host(t.host, services, ns)
+        assert svc is not None, f"--{role} {addr}: {t.host} is no Service of namespace {ns}"
+        name = svc["metadata"]["name"]
+        assert svc["spec"].get("clusterIP") == "None", \
+            f"--{role} {addr}: Service {name} is not headless (clusterIP None): its name is one " \
+            f"virtual IP, and every session would land on one pod"
+        assert not svc["spec"].get("publishNotReadyAddresses"), \
+            f"{name} lists pods that are not ready (starting, draining)"
+        selected = {n for n, lab in pods.items() if service_selects(svc, lab)}
+        assert selected == {role_deployment(objs, role)["metadata"]["name"]}, \
+            f"--{role} {addr}: Service {name} selects the pods of {sorted(selected)}"
+        assert t.port in [p["port"] for p in svc["spec"]["ports"]], \
+            f"--{role} {addr}: Service {name} has no port {t.port}"
+        assert t.port == listen_port(parse_serve(objs, role))
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -319,12 +356,53 @@ def test_every_container_has_requests_and_limits(overlay):
                     f"{dep['metadata']['name']}/{c['name']}: {part} {res.get(part)}"
 
 
+def autoscaler_of(objs, dep):
+    """The HorizontalPodAutoscaler that scales ``dep``, or None."""
+    found = [h for h in of_kind(objs, "HorizontalPodAutoscaler")
+             if h["spec"]["scaleTargetRef"].get("kind") == "Deployment"
+             and h["spec"]["scaleTargetRef"].get("apiVersion", "apps/v1") == "apps/v1"
+             and h["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+             and namespace_of(h) == namespace_of(dep)]
+    assert len(found) <= 1, f"{dep['metadata']['name']}: {len(found)} autoscalers fight over it"
+    return found[0] if found else None
+
+
+def replica_floor(objs, role) -> int:
+    """The fewest pods ``role`` runs: its autoscaler's minReplicas, else its replicas."""
+    dep = role_deployment(objs, role)
+    hpa = autoscaler_of(objs, dep)
+    return hpa["spec"].get("minReplicas", 1) if hpa else dep["spec"].get("replicas", 1)
+
+
+def scaled(value, replicas: int) -> int:
+    """A PodDisruptionBudget's minAvailable/maxUnavailable for ``replicas`` pods (a percentage
+    rounds up, as the disruption controller does)."""
+    if isinstance(value, str) and value.endswith("%"):
+        return -(-int(value[:-1]) * replicas // 100)
+    return int(value)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize("role", ROLES)
-def test_a_disruption_budget_covers_each_service(overlay, role):
+def test_disruption_budgets_keep_serving_through_a_node_drain(overlay, role):
+    """One budget per service: at its fewest pods a drain may always evict one (a budget that
+    allows none blocks the drain forever) and, with two or more, at least one keeps serving."""
     objs = render(overlay)
     labels = pod_labels(role_deployment(objs, role))
-    assert any(selects(p["spec"]["selector"], labels) for p in of_kind(objs, "PodDisruptionBudget"))
+    pdbs = [p for p in of_kind(objs, "PodDisruptionBudget")
+            if selects(p["spec"]["selector"], labels)]
+    assert len(pdbs) == 1, f"{role}: {len(pdbs)} PodDisruptionBudgets select its pods"
+    spec, n = pdbs[0]["spec"], replica_floor(objs, role)
+    others = {d for d, lab in all_pod_labels(objs).items() if selects(spec["selector"], lab)}
+    assert others == {role_deployment(objs, role)["metadata"]["name"]}, \
+        f"{pdbs[0]['metadata']['name']} budgets the pods of {sorted(others)} together"
+    if "maxUnavailable" in spec:
+        evictable = scaled(spec["maxUnavailable"], n)
+    else:
+        evictable = n - scaled(spec.get("minAvailable", 1), n)
+    assert evictable >= 1, f"{role}: with {n} pods the budget {spec} lets no drain evict one"
+    if n > 1:
+        assert n - evictable >= 1, f"{role}: with {n} pods the budget {spec} lets a drain take all"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -363,13 +441,53 @@ def all_pod_labels(objs) -> dict[str, dict]:
     return {d["metadata"]["name"]: pod_labels(d) for d in of_kind(objs, "Deployment")}
 
 
+def peer_admits(peer, policy_ns: str, ns: str, labels: dict) -> bool:
+    """Whether a NetworkPolicy peer admits a pod with ``labels`` in namespace ``ns`` (namespaces
+    carry the label kubernetes.io/metadata.name; an ipBlock is taken to admit anything)."""
+    if "ipBlock" in peer:
+        return True
+    if "namespaceSelector" in peer:
+        ns_ok = selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": ns})
+    else:
+        ns_ok = ns == policy_ns
+    return ns_ok and ("podSelector" not in peer or selects(peer["podSelector"], labels))
+
+
+def rule_ports(rule, container) -> set[int] | None:
+    """The container ports a rule opens (named ports resolved); None: every port."""
+    if not rule.get("ports"):
+        return None
+    named = {p.get("name"): p["containerPort"] for p in container["ports"]}
+    for p in rule["ports"]:
+        assert p.get("protocol", "TCP") == "TCP" and "endPort" not in p, f"rule opens {p}"
+    return {named.get(p.get("port"), p.get("port")) for p in rule["ports"]}
+
+
+def assert_only_prometheus(objs, pol, rule, where: str) -> None:
+    """Every peer of ``rule`` admits Prometheus's pods in the monitoring namespace and nothing
+    else tried: no pod of the PEARL namespace, no Prometheus elsewhere, no other monitoring pod."""
+    ns = namespace_of(pol)
+    assert rule.get("from"), f"{where} admits every source"
+    for peer in rule["from"]:
+        assert peer_admits(peer, ns, MONITORING_NS, PROMETHEUS_POD), \
+            f"{where}: {peer} does not admit Prometheus in {MONITORING_NS}"
+        for name, labels in all_pod_labels(objs).items():
+            assert not peer_admits(peer, ns, ns, labels), f"{where}: {peer} admits {name} pods"
+        assert not peer_admits(peer, ns, "default", PROMETHEUS_POD), \
+            f"{where}: {peer} admits Prometheus pods of any namespace"
+        assert not peer_admits(peer, ns, MONITORING_NS, {"app.kubernetes.io/name": "grafana"}), \
+            f"{where}: {peer} admits every pod of {MONITORING_NS}"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize("role", ["draft", "target"])
 def test_only_the_coordinator_reaches_draft_and_target(overlay, role):
+    """The gRPC port admits the coordinator's pods and nothing else; the only other rule a draft
+    or target may have opens its metrics port, to Prometheus in the monitoring namespace."""
     objs = render(overlay)
-    port = listen_port(parse_serve(objs, role))
+    a = parse_serve(objs, role)
+    port, metrics = listen_port(a), a.metrics_port
     c = the_container(role_deployment(objs, role))
-    named = {p.get("name"): p["containerPort"] for p in c["ports"]}
     coordinator = pod_labels(role_deployment(objs, "coordinator"))
     pods = all_pod_labels(objs)
     policies = ingress_policies_for(objs, pod_labels(role_deployment(objs, role)))
@@ -378,21 +496,51 @@ def test_only_the_coordinator_reaches_draft_and_target(overlay, role):
     for pol in policies:
         for rule in pol["spec"].get("ingress", []):
             where = f"{pol['metadata']['name']}: {rule}"
+            ports = rule_ports(rule, c)
+            assert ports, f"{where} admits every port"
+            if port not in ports:
+                assert ports == {metrics}, f"{where} opens {ports}: neither gRPC nor metrics"
+                assert_only_prometheus(objs, pol, rule, where)
+                continue
+            assert ports == {port}, f"{where} opens {ports} together with the gRPC port {port}"
             assert rule.get("from"), f"{where} admits every source"
             for peer in rule["from"]:
                 assert set(peer) == {"podSelector"}, f"{where}: only pods of this namespace may"
                 matched = {n for n, lab in pods.items() if selects(peer["podSelector"], lab)}
                 assert matched == {role_deployment(objs, "coordinator")["metadata"]["name"]}, \
                     f"{where} admits {sorted(matched)}, not just the coordinator"
-            ports = rule.get("ports")
-            assert ports, f"{where} admits every port"
-            for p in ports:
-                assert named.get(p.get("port"), p.get("port")) == port and \
-                    p.get("protocol", "TCP") == "TCP" and "endPort" not in p, \
-                    f"{where} opens {p}, not the gRPC port {port}"
             admits_coordinator |= any(selects(peer["podSelector"], coordinator)
                                       for peer in rule["from"])
     assert admits_coordinator, f"the coordinator cannot reach the {role}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("role", ROLES)
+def test_prometheus_scrapes_the_metrics_port_and_only_prometheus_may(overlay, role):
+    """`pearl serve --metrics-port` is the pod's `metrics` port and its prometheus.io/port
+    annotation; a NetworkPolicy lets Prometheus (monitoring namespace) reach it, and every rule
+    that opens it admits Prometheus only."""
+    objs = render(overlay)
+    a = parse_serve(objs, role)
+    assert a.metrics_port, f"{role}: no --metrics-port, so no pearl_active_sessions to scale on"
+    dep = role_deployment(objs, role)
+    c = the_container(dep)
+    ann = dep["spec"]["template"]["metadata"].get("annotations", {})
+    assert ann.get("prometheus.io/scrape") == "true", f"{role}: pod annotations {ann}"
+    assert ann.get("prometheus.io/port") == str(a.metrics_port), \
+        f"{role}: Prometheus would scrape port {ann.get('prometheus.io/port')}, the service " \
+        f"serves /metrics on {a.metrics_port}"
+    assert ann.get("prometheus.io/path", "/metrics") == "/metrics", ann
+    reachable = False
+    for pol in ingress_policies_for(objs, pod_labels(dep)):
+        for rule in pol["spec"].get("ingress", []):
+            ports = rule_ports(rule, c)
+            if ports is not None and a.metrics_port not in ports:
+                continue
+            where = f"{pol['metadata']['name']}: {rule}"
+            assert_only_prometheus(objs, pol, rule, where)
+            reachable = True
+    assert reachable, f"no NetworkPolicy lets Prometheus reach the {role}'s port {a.metrics_port}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -403,6 +551,10 @@ def test_clients_reach_the_coordinator_and_it_reaches_out(overlay):
     rules = [r for p in ingress_policies_for(objs, labels) for r in p["spec"].get("ingress", [])]
     assert any(not r.get("from") and port in [p.get("port") for p in r.get("ports", [])]
                for r in rules), f"no policy lets clients reach the coordinator on {port}"
+    for r in rules:  # what anyone may reach is the gRPC port alone
+        if not r.get("from"):
+            assert [p.get("port") for p in r.get("ports", [])] == [port], \
+                f"clients may reach the coordinator on {r.get('ports', 'every port')}"
     for pol in of_kind(objs, "NetworkPolicy"):
         if selects(pol["spec"]["podSelector"], labels):
             assert "Egress" not in pol["spec"].get("policyTypes", []), \
@@ -464,6 +616,106 @@ def test_gpu_overlay_pairs_a_small_draft_with_a_large_target():
     draft, target = parse_serve(objs, "draft").model, parse_serve(objs, "target").model
     size = lambda m: float(re.search(r"(\d+(?:\.\d+)?)B", m).group(1))  # noqa: E731
     assert size(draft) < size(target), (draft, target)
+
+
+def exported_session_gauge() -> str:
+    """The Prometheus name under which a service exports the sessions it holds now: the gauge of
+    specdec/telemetry.py's ``active_sessions`` instrument, read back from a real exposition."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry()
+    tel = Telemetry("pearl-target", metric_readers=[PrometheusMetricReader(registry=registry)])
+    try:
+        tel.metrics.active_sessions.add(3)
+        text = generate_latest(registry).decode()
+    finally:
+        tel.shutdown()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    name = tel.metrics.active_sessions.name
+    assert name in fams and fams[name].type == "gauge", f"{name} not a gauge in:\n{text}"
+    assert [s.value for s in fams[name].samples] == [3], fams[name].samples
+    return name
+
+
+def quantity(q) -> float:
+    q = str(q)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_gpu_overlay_runs_two_or_more_of_each(role):
+    """Two or more pods of each service, so that one can fail or drain while the others serve."""
+    n = replica_floor(render("gpu"), role)
+    assert n >= 2, f"gpu: {role} may run {n} pod(s)"
+
+
+@pytest.mark.parametrize("role", ["draft", "target"])
+def test_gpu_overlay_scales_draft_and_target_on_their_sessions(role):
+    """An autoscaling/v2 HPA per service, on the Deployment of its pods, driven by the pods
+    metric the services export (average sessions per pod), not by CPU; the Deployment leaves its
+    replica count to the HPA (a replicas field would reset it on every `kubectl apply`)."""
+    objs = render("gpu")
+    dep = role_deployment(objs, role)
+    hpa = autoscaler_of(objs, dep)
+    assert hpa is not None, f"no HorizontalPodAutoscaler scales the {role} Deployment"
+    assert hpa["apiVersion"] == "autoscaling/v2", hpa["apiVersion"]
+    spec = hpa["spec"]
+    assert spec.get("minReplicas", 1) >= 2 and spec["maxReplicas"] > spec["minReplicas"], spec
+    assert "replicas" not in dep["spec"], \
+        f"{role}: spec.replicas {dep['spec']['replicas']} fights the autoscaler on each apply"
+    gauge = exported_session_gauge()
+    metrics = spec.get("metrics", [])
+    assert metrics and all(m["type"] == "Pods" for m in metrics), \
+        f"{role}: metrics {[m['type'] for m in metrics]}; a GPU pod's CPU is no measure of load"
+    assert any(m["pods"]["metric"]["name"] == gauge and not m["pods"]["metric"].get("selector")
+               and m["pods"]["target"]["type"] == "AverageValue"
+               and quantity(m["pods"]["target"]["averageValue"]) > 0 for m in metrics), \
+        f"{role}: no AverageValue target on the pods metric {gauge}: {metrics}"
+    behavior = spec.get("behavior", {}).get("scaleDown", {})
+    assert behavior.get("stabilizationWindowSeconds", 300) >= 300, \
+        f"{role}: scales down within {behavior.get('stabilizationWindowSeconds')} s of a dip"
+
+
+def test_the_adapter_rule_serves_the_gauge_the_autoscalers_read():
+    """k8s/monitoring's Prometheus adapter rule turns the exported gauge, per pod and namespace,
+    into the custom metric every HPA of the gpu overlay names; the example validates."""
+    examples = validate.examples()
+    objs = [o for objs in examples.values() for o in objs]
+    assert not validate.validate_objects(objs), validate.validate_objects(objs)
+    gauge = exported_session_gauge()
+    wanted = {m["pods"]["metric"]["name"] for h in of_kind(render("gpu"), "HorizontalPodAutoscaler")
+              for m in h["spec"]["metrics"]}
+    served = set()
+    for cm in of_kind(objs, "ConfigMap"):
+        for rule in yaml.safe_load(cm["data"]["config.yaml"]).get("rules", []):
+            series = re.match(r"\s*([A-Za-z_:][A-Za-z0-9_:]*)\{(.*)\}\s*$", rule["seriesQuery"])
+            if not series or series.group(1) != gauge:
+                continue
+            for label in ("namespace", "pod"):
+                assert f'{label}!=""' in series.group(2), f"{rule['seriesQuery']}: no {label}"
+            over = rule["resources"]["overrides"]
+            assert over["namespace"]["resource"] == "namespace", over
+            assert over["pod"]["resource"] in ("pod", "pods"), over
+            for part in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+                assert part in rule["metricsQuery"], f"{rule['metricsQuery']} lacks {part}"
+            name = rule.get("name", {})
+            assert re.search(name.get("matches", ".*"), gauge), name
+            served.add(name.get("as") or gauge)
+    assert wanted and wanted <= served, f"the HPAs read {wanted}, the adapter serves {served}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_is_in_the_namespace_it_renders(overlay):
+    """Objects an overlay adds (the autoscalers) land in the base's namespace: an HPA elsewhere
+    would scale nothing."""
+    objs = render(overlay)
+    ns = namespace_of(role_deployment(objs, "coordinator"))
+    assert ns != "default" and {ns} == {o["metadata"]["name"] for o in of_kind(objs, "Namespace")}
+    for o in objs:
+        if o["kind"] != "Namespace":
+            assert o["metadata"].get("namespace") == ns, f"{validate.name_of(o)} not in {ns}"
 
 
 def test_cpu_dev_overlay_is_the_small_default_pair_on_cpu():
