@@ -64,6 +64,7 @@ bench-load: setup
 	$(PEARL) bench --concurrency 1,2,4,8 --rss-check
 
 # Train Hidden Transfer layers for the default target (docs/hidden-transfer.md); the target
-# service then finds them in the model cache. A trained file also ships in target_service/weights.
+# service then finds them in the model cache. A trained file also ships in
+# target_service/hidden_transfer/weights.
 transfer: setup
 	$(PEARL) transfer train

@@ -13,7 +13,7 @@ rule is ``Request.decide``; the schedules only choose what to ask next:
 - ``SD``: the draft drafts gamma tokens, the target verifies them (with a bonus), the draft rolls
   back; strictly in turn.
 - ``Pearl``: draft and target at the same time (the state machine is described on the class).
-- ``HiddenTransfer``: the target alone, drafting for itself (target_service/hidden_transfer.py):
+- ``HiddenTransfer``: the target alone, drafting for itself (target_service/hidden_transfer/):
   every window is empty and the target answers with the drafts it accepted plus its own token.
 
 The draft is an accelerator, not a dependency. When its stream fails, closes, refuses the session,

@@ -147,7 +147,7 @@ def load_prompts(which: str, n: int, tokenizer, tiny: bool) -> list[dict]:
 
 def untrained(loaded):
     """Copy-forward transfer layers for --tiny (a harness check: the mode runs, drafts poorly)."""
-    from target_service.transfer import Transfer, TransferLayers
+    from target_service.hidden_transfer.layers import Transfer, TransferLayers
 
     cfg = loaded.model.config
     layers = TransferLayers(cfg.hidden_size, cfg.num_hidden_layers // 2, 3, 8)

@@ -139,7 +139,7 @@ def cmd_serve(a) -> None:
 
 def load_transfer(spec: str, model: str):
     """--transfer: a file, 'auto' (the model's file if any) or 'none'."""
-    from target_service.transfer import Transfer, find
+    from target_service.hidden_transfer.layers import Transfer, find
 
     if spec == "none":
         return None

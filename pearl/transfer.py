@@ -1,7 +1,7 @@
 """`pearl transfer train|show`: train Hidden Transfer layers for a model, or show a trained file.
 
 Training prompts are HumanEval problems from index 40 on (`pearl bench` and `pearl demo` use the
-first ones), continued greedily by the model itself; see target_service/transfer_train.py.
+first ones), continued greedily by the model itself; see pearl/transfer_train.py.
 """
 
 import json
@@ -42,7 +42,7 @@ def add_transfer(sub) -> None:
 
 
 def cmd_transfer(a) -> None:
-    from target_service.transfer import Transfer, default_path, find
+    from target_service.hidden_transfer.layers import Transfer, default_path, find
 
     if a.action == "sweep":
         return sweep(a)
@@ -60,7 +60,7 @@ def cmd_transfer(a) -> None:
 
     from pearl.demo import humaneval_prompt
     from specdec.models import load_model
-    from target_service.transfer_train import train
+    from pearl.transfer_train import train
 
     t0 = time.monotonic()
     loaded = load_model(a.model, device=a.device, dtype=a.dtype, threads=a.threads)
@@ -88,8 +88,9 @@ def sweep(a) -> None:
     from pearl.demo import humaneval_prompt
     from pearl.report import table
     from specdec.models import load_model
-    from target_service.hidden_transfer import HiddenTransferSession
-    from target_service.transfer import Transfer, find, tree_paths
+    from target_service.hidden_transfer.layers import Transfer, find
+    from target_service.hidden_transfer.session import HiddenTransferSession
+    from target_service.hidden_transfer.tree import tree_paths
 
     files = [Path(f) for f in a.file] if a.file else [find(a.model)]
     if None in files:

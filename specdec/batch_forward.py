@@ -12,7 +12,7 @@ Words:
   slot    where a fed token's K/V goes in the session's store: P, P+1, ... in feed order
   rope    a token's position for the rotary embedding: its slot, except in tree rows
   mask    which new tokens a new token sees (all P cached ones always): causal, or a tree
-  pseudo  Hidden Transfer (target_service/hidden_transfer.py): from layer L on, a tree row also
+  pseudo  Hidden Transfer (target_service/hidden_transfer/): from layer L on, a tree row also
           carries k made-up tokens under some of its nodes, made by the transfer maps from the
           node's layer-L input; they get slots after the row's real tokens, in layers >= L only
 """

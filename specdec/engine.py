@@ -1,7 +1,7 @@
 """The engine: one per model in a service process, one forward pass per step over all sessions.
 
     servicer (protocol, per stream)
-      -> session (draft_service/drafter.py, target_service/verifier.py, hidden_transfer.py)
+      -> session (draft_service/drafter.py, target_service/verifier.py, hidden_transfer/session.py)
            holds a Sequence: its token ids and its slots in the KV store
       -> Sequence.forward() submits a Work and waits for it
       -> Engine step loop: takes the pending works by priority under a token budget, runs one

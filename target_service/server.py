@@ -18,8 +18,9 @@ from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
 from specdec.telemetry import Telemetry
 from specdec.wire import dist_from_pb, sampling_from_pb
-from target_service.hidden_transfer import HiddenTransferSession
-from target_service.transfer import Transfer, chain_paths, tree_paths
+from target_service.hidden_transfer.layers import Transfer
+from target_service.hidden_transfer.session import HiddenTransferSession
+from target_service.hidden_transfer.tree import chain_paths, tree_paths
 from target_service.verifier import ProtocolError, TargetSession, Verdict
 
 log = logging.getLogger("pearl.target")

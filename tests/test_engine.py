@@ -24,7 +24,7 @@ from protos.v1 import pearl_pb2_grpc
 from specdec.engine import Engine
 from specdec.kv import CachedSequence
 from specdec.kv_store import StoreFull
-from target_service.transfer import Transfer, TransferLayers
+from target_service.hidden_transfer.layers import Transfer, TransferLayers
 
 rng = random.Random(7)
 PROMPTS = [[rng.randrange(1, 512) for _ in range(n)] for n in (1, 3, 9, 17, 30, 44, 61, 70)]

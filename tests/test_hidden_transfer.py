@@ -17,17 +17,10 @@ from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
 from specdec.models import tiny_loaded
 from specdec.sampling import Sampling
-from target_service.hidden_transfer import HiddenTransferSession
-from target_service.transfer import (
-    Transfer,
-    TransferLayers,
-    TreeKV,
-    chain_paths,
-    logits,
-    tree_forward,
-    tree_paths,
-)
-from target_service.transfer_train import RANKS, train
+from pearl.transfer_train import RANKS, TreeKV, logits, train, tree_forward
+from target_service.hidden_transfer.layers import Transfer, TransferLayers
+from target_service.hidden_transfer.session import HiddenTransferSession
+from target_service.hidden_transfer.tree import chain_paths, tree_paths
 from target_service.verifier import TargetSession
 
 from cluster import Cluster

@@ -1,10 +1,10 @@
-"""One Hidden Transfer session: the target decodes alone, drafting for itself (transfer.py).
+"""One Hidden Transfer session: the target decodes alone, drafting for itself (layers.py).
 
 Each step is one forward pass over a token tree:
 
     root      the token chosen last step (committed, not yet fed), at position p
     nodes     candidates for p+1 .. p+k from the root's draft distributions, shaped by the
-              session's rank paths (transfer.tree_paths)
+              session's rank paths (tree.tree_paths)
     pseudo    pseudo tokens under every node (as many as the tree is deep, at most k), so
               whichever node ends up last accepted already has its drafts for the next step
 
@@ -28,7 +28,8 @@ from specdec.batch_forward import Pseudo
 from specdec.engine import Engine, engine_for
 from specdec.kv import ProtocolError, check_prompt
 from specdec.sampling import Sampling
-from target_service.transfer import TransferLayers, tree_masks
+from target_service.hidden_transfer.layers import TransferLayers
+from target_service.hidden_transfer.tree import tree_masks
 from target_service.verifier import Verdict
 
 

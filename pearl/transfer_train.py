@@ -1,14 +1,19 @@
-"""Training the transfer layers by self-distillation (the model stays frozen).
+"""Training the transfer layers by self-distillation, the model frozen (`pearl transfer train`).
 
 Data: the model continues a set of prompts greedily (batched); every position of those texts is a
 training row. Teacher: the model's own next-token distribution at each position, kept as its
 top ``TEACHER_TOP`` probabilities plus the remaining mass (one bucket). Student: pseudo i of
-position t (transfer.py), run through layers L.. attending to the real tokens <= t, whose LM-head
-distribution should match the teacher's at position t + i. Loss: KL(teacher || student) over the
-kept ids and the rest bucket, averaged over rows.
+position t (target_service/hidden_transfer/), run through layers L.. attending to the real tokens
+<= t, whose LM-head distribution should match the teacher's at position t + i. Loss:
+KL(teacher || student) over the kept ids and the rest bucket, averaged over rows.
 
 The real tokens' keys/values above layer L and their layer-L states are computed once per text
 (``prepare``); a training step runs only the pseudo rows.
+
+Training runs the model's transformers modules directly (``run_layers`` over a ``TreeKV``), with
+autograd through the pseudo rows; serving runs the same math as one row of the target's batched
+engine (specdec/batch_forward.py). ``tree_forward`` is that tree step in transformers modules,
+the reference the tests hold the tree attention to.
 """
 
 from __future__ import annotations
@@ -23,17 +28,101 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from target_service.transfer import (
-    Transfer,
-    TransferLayers,
-    TreeKV,
-    run_layers,
-    ancestors,
-    logits,
-)
+from target_service.hidden_transfer.layers import Transfer, TransferLayers
+from target_service.hidden_transfer.tree import ancestors, tree_masks
 
 TEACHER_TOP = 32  # teacher ids kept per position (the rest is one bucket)
 RANKS = 8  # ranks counted in the rank-acceptance table
+
+
+class TreeKV:
+    """Per-layer K/V of the real tokens fed so far, plus whatever the last forward appended.
+
+    Layers >= L also hold the pseudo tokens of the last forward; ``keep`` cuts every layer back
+    to the committed prefix plus the accepted nodes (KV compaction). Duck-types the
+    ``update(key, value, layer_idx)`` of transformers' caches, which is all a decoder layer calls.
+    """
+
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0  # committed positions every layer holds
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key/value [1, kv_heads, new, head_dim]
+        if self.k[layer_idx] is None:
+            self.k[layer_idx], self.v[layer_idx] = key, value
+        else:
+            self.k[layer_idx] = torch.cat([self.k[layer_idx], key], dim=2)
+            self.v[layer_idx] = torch.cat([self.v[layer_idx], value], dim=2)
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def keep(self, nodes: list[int]) -> None:
+        """Keep the committed prefix plus the given nodes of the last forward, in that order."""
+        idx = None
+        for layer, (k, v) in enumerate(zip(self.k, self.v)):
+            if k is None:
+                continue
+            if idx is None or idx.device != k.device:
+                idx = torch.tensor(list(range(self.length)) + [self.length + n for n in nodes],
+                                   device=k.device)
+            self.k[layer] = k.index_select(2, idx)
+            self.v[layer] = v.index_select(2, idx)
+        self.length += len(nodes)
+
+
+@dataclass
+class TreeOut:
+    """Final-norm hidden states of one forward; logits are taken on demand (``logits``)."""
+
+    nodes: torch.Tensor  # [n, hidden]
+    pseudo: torch.Tensor  # [len(pseudo_for), k, hidden]
+    pseudo_for: list[int]  # node index of each pseudo group
+
+
+def run_layers(model, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: TreeKV,
+               layers: range) -> torch.Tensor:
+    """Run decoder layers ``layers`` on h [1, rows, hidden] at ``positions`` [rows]."""
+    pos = positions[None]
+    rope = model.model.rotary_emb(h, pos)
+    mask = mask[None, None].to(h.device)
+    for i in layers:
+        h = model.model.layers[i](h, attention_mask=mask, position_ids=pos, past_key_values=kv,
+                                  use_cache=True, position_embeddings=rope)
+    return h
+
+
+def tree_forward(model, transfer: TransferLayers, kv: TreeKV, tokens: list[int],
+                 parents: list[int], depths: list[int], pseudo_for: list[int],
+                 k: int | None = None) -> TreeOut:
+    """One forward of the model over nodes ``tokens`` that continue the cached prefix.
+
+    Node j sits at position kv.length + depths[j] and attends to the prefix and its ancestors;
+    the nodes in ``pseudo_for`` also get k pseudo tokens at layer L, at positions node + 1..k.
+    Prefill is the chain case (parents j-1, depths j, pseudo for the last node only). ``k``
+    (default: all of the layers' k) computes only the first k pseudo tokens: a tree that never
+    goes deeper than k needs no more.
+    """
+    dev = next(model.parameters()).device
+    n, L = len(tokens), transfer.layer
+    k = transfer.k if k is None else k
+    prefix = kv.length
+    low, high = tree_masks(parents, prefix, pseudo_for, k)
+    pos = torch.tensor([prefix + d for d in depths], device=dev)
+    h = model.model.embed_tokens(torch.tensor([tokens], device=dev))  # [1, n, hidden]
+    h = run_layers(model, h, pos, low, kv, range(L))
+    pseudo = transfer(h[0, pseudo_for])[:, :k].reshape(1, -1, h.shape[-1])  # [1, g*k, hidden]
+    offsets = torch.arange(1, k + 1, device=dev)
+    ppos = (pos[pseudo_for][:, None] + offsets).reshape(-1)
+    h = run_layers(model, torch.cat([h, pseudo], dim=1), torch.cat([pos, ppos]), high, kv,
+                   range(L, model.config.num_hidden_layers))
+    h = model.model.norm(h[0])
+    return TreeOut(h[:n], h[n:].reshape(len(pseudo_for), k, -1), pseudo_for)
+
+
+def logits(model, h: torch.Tensor) -> torch.Tensor:
+    """LM head on final-norm hidden states h [..., hidden] -> float32 logits [..., vocab]."""
+    return model.lm_head(h).float()
 
 
 @dataclass
@@ -173,17 +262,7 @@ def train(loaded, prompts: list[list[int]], layer: int, k: int, rank: int, *,
     for p in model.parameters():
         p.requires_grad_(False)
     t_start = time.monotonic()
-    pad = loaded.tokenizer.pad_token_id
-    pad = pad if pad is not None else 0
-    key = {"model": loaded.name, "prompts": prompts, "new_tokens": new_tokens}
-    cached = json.loads(corpus.read_text()) if corpus and corpus.is_file() else {}
-    if cached.get("key") == key:
-        texts_ids = cached["texts"]
-    else:
-        texts_ids = self_generate(model, prompts, new_tokens, batch, pad, progress)
-        if corpus:
-            corpus.parent.mkdir(parents=True, exist_ok=True)
-            corpus.write_text(json.dumps({"key": key, "texts": texts_ids}))
+    texts_ids = corpus_texts(loaded, prompts, new_tokens, batch, corpus, progress)
     t_gen = time.monotonic() - t_start
     texts = [prepare(model, layer, ids) for ids in tqdm(texts_ids, desc="teacher pass",
                                                         disable=not progress, unit="text")]
@@ -195,13 +274,45 @@ def train(loaded, prompts: list[list[int]], layer: int, k: int, rank: int, *,
     torch.manual_seed(seed)
     transfer = TransferLayers(model.config.hidden_size, layer, k, rank).to(loaded.device)
     kl_before, _ = evaluate(model, transfer, held)
+    steps = fit(model, transfer, train_set, rng, epochs, rows_per_step, lr, progress)
+    kl_after, acc = evaluate(model, transfer, held)
+    info = {"prompts": len(prompts), "new_tokens": new_tokens, "train_texts": len(train_set),
+            "held_out_texts": len(held), "train_tokens": sum(len(t.ids) for t in train_set),
+            "epochs": epochs, "steps": steps, "lr": lr,
+            "held_out_kl_before": kl_before, "held_out_kl_after": kl_after,
+            "generate_s": round(t_gen, 1), "total_s": round(time.monotonic() - t_start, 1),
+            "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch.")}
+    return Transfer(transfer.eval(), loaded.name, acc, info)
+
+
+def corpus_texts(loaded, prompts: list[list[int]], new_tokens: int, batch: int,
+                 corpus: Path | None, progress: bool) -> list[list[int]]:
+    """The self-generated texts: read from ``corpus`` when it holds these prompts at this length,
+    else generated (and written there)."""
+    pad = loaded.tokenizer.pad_token_id
+    pad = pad if pad is not None else 0
+    key = {"model": loaded.name, "prompts": prompts, "new_tokens": new_tokens}
+    cached = json.loads(corpus.read_text()) if corpus and corpus.is_file() else {}
+    if cached.get("key") == key:
+        return cached["texts"]
+    texts_ids = self_generate(loaded.model, prompts, new_tokens, batch, pad, progress)
+    if corpus:
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        corpus.write_text(json.dumps({"key": key, "texts": texts_ids}))
+    return texts_ids
+
+
+def fit(model, transfer: TransferLayers, train_set: list[Text], rng: random.Random, epochs: int,
+        rows_per_step: int, lr: float, progress: bool) -> int:
+    """Adam with a one-cycle schedule over shuffled chunks of pseudo rows; returns the steps."""
+    k = transfer.k
     opt = torch.optim.Adam(transfer.parameters(), lr=lr)
-    steps = [(i, c) for _ in range(epochs) for i, text in enumerate(train_set)
-             for c in range(math.ceil(len(positions_of(text, k)) / rows_per_step))]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, len(steps)),
+    steps = epochs * sum(math.ceil(len(positions_of(text, k)) / rows_per_step)
+                         for text in train_set)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps),
                                                 pct_start=0.1)
-    bar = tqdm(total=len(steps), desc=f"training L{layer} k{k} r{rank}", disable=not progress,
-               unit="step")
+    bar = tqdm(total=steps, desc=f"training L{transfer.layer} k{k} r{transfer.rank}",
+               disable=not progress, unit="step")
     for _ in range(epochs):
         order = list(range(len(train_set)))
         rng.shuffle(order)
@@ -219,11 +330,4 @@ def train(loaded, prompts: list[list[int]], layer: int, k: int, rank: int, *,
                 bar.update(1)
                 bar.set_postfix(kl=f"{loss.item():.3f}")
     bar.close()
-    kl_after, acc = evaluate(model, transfer, held)
-    info = {"prompts": len(prompts), "new_tokens": new_tokens, "train_texts": len(train_set),
-            "held_out_texts": len(held), "train_tokens": sum(len(t.ids) for t in train_set),
-            "epochs": epochs, "steps": len(steps), "lr": lr,
-            "held_out_kl_before": kl_before, "held_out_kl_after": kl_after,
-            "generate_s": round(t_gen, 1), "total_s": round(time.monotonic() - t_start, 1),
-            "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch.")}
-    return Transfer(transfer.eval(), loaded.name, acc, info)
+    return steps
