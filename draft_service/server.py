@@ -8,11 +8,13 @@ import grpc
 
 from draft_service.drafter import DraftSession, Proposal, ProtocolError
 from draft_service.replay import Replay
+from draft_service.tracing import NO_DRAFT_TRACE, draft_trace
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
 from specdec.engine import (
     DEFAULT_KV_CACHE_TOKENS,
     DEFAULT_MAX_BATCH_TOKENS,
     Engine,
+    compile_steps,
     describe_engine,
 )
 from specdec.kv import Aborted
@@ -41,12 +43,13 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
     def __init__(self, loaded, q_tail: float = 1e-4, replay: Replay | None = None,
                  kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS):
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, compile: str = "auto"):
         self.loaded = loaded
         self.q_tail = q_tail
         self.replay = replay  # a benchmarking draft (draft_service/replay.py), normally None
         # one batched forward per step over every session's draft step (specdec/engine.py)
-        self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "draft")
+        self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "draft",
+                             compile=compile_steps(compile, loaded.device))
         self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
         self.runner = ModelRunner("draft", max_sessions or 256)
         self.live = 0
@@ -78,7 +81,7 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
 
         pump_task = asyncio.create_task(pump())
         session: DraftSession | None = None
-        dtrace = None  # this stream's draft.window spans and metrics (None when telemetry is off)
+        dtrace = NO_DRAFT_TRACE  # this stream's draft.window spans and metrics, once started
         self.live += 1
         try:
             while True:
@@ -99,8 +102,8 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
                     except StoreFull as e:
                         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
                     if req.WhichOneof("kind") == "start":
-                        dtrace = self.telemetry.draft_session(req.start)
-                    elif dtrace is not None:
+                        dtrace = draft_trace(self.telemetry, req.start)
+                    else:
                         dtrace.request(req)
                 # The inbox is empty here and nothing ran since it was checked (no await): every
                 # message that sets ``abort`` from now on is one the step has not seen.
@@ -112,12 +115,10 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
                     continue
                 except StoreFull as e:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-                if dtrace is not None:
-                    dtrace.proposal(proposal)
+                dtrace.proposal(proposal)
                 yield to_pb(proposal)
         finally:
-            if dtrace is not None:
-                dtrace.close()
+            dtrace.close()
             if session is not None:
                 session.close()
             self.live -= 1
@@ -156,10 +157,10 @@ async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4,
                 tls: ServerTLS | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,
                 idle_s: float = DEFAULT_IDLE_S, replay: Replay | None = None,
                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: str = "auto"
                 ) -> tuple[Server, DraftServicer]:
     servicer = DraftServicer(loaded, q_tail, replay, kv_cache_tokens, max_batch_tokens,
-                             max_sessions)
+                             max_sessions, compile)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
                     label="draft service", max_sessions=max_sessions)

@@ -6,6 +6,7 @@ serve (every role):   --tls-cert --tls-key [--tls-ca]    TLS on the port; with a
 serve draft/target:   --session-idle-s S                  close sessions silent this long
                       --kv-cache-tokens N                 KV store slots of all sessions
                       --max-batch-tokens N                tokens fed per engine step
+                      --compile auto|on|off               compiled engine steps
 serve coordinator:    --backend-tls-ca [--backend-tls-cert --backend-tls-key]
                                                           TLS (mTLS) towards draft and target
                       --auth-token T | PEARL_AUTH_TOKEN   bearer token on the client API
@@ -58,6 +59,9 @@ def add_serve_flags(p) -> None:
                    default=int(_env("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)),
                    help="draft/target: tokens fed per engine step, all sessions together "
                         "(longer prefills are fed in chunks)")
+    g.add_argument("--compile", default=_env("COMPILE", "auto"), choices=["auto", "on", "off"],
+                   help="draft/target: compiled engine steps (torch.compile; CUDA graphs on a "
+                        "GPU); auto = on with --device cuda, off on the CPU")
     g.add_argument("--max-prompt-tokens", type=int,
                    default=int(_env("MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS)),
                    help="coordinator: longest prompt accepted")
@@ -78,7 +82,7 @@ def serve_kwargs(a) -> dict:
               max_sessions=a.max_sessions)
     if a.role in ("draft", "target"):
         kw.update(idle_s=a.session_idle_s, kv_cache_tokens=a.kv_cache_tokens,
-                  max_batch_tokens=a.max_batch_tokens)
+                  max_batch_tokens=a.max_batch_tokens, compile=a.compile)
     else:
         kw.update(backend_tls=ClientTLS.from_flags(a.backend_tls_ca, a.backend_tls_cert,
                                                    a.backend_tls_key),

@@ -63,7 +63,8 @@ class Work:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "model"):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "model",
+                 compile: bool = False):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.model = model
@@ -72,6 +73,9 @@ class Engine:
         self.store: KVStore | None = (batch_forward.store_for(model, kv_cache_tokens)
                                       if self.batched else None)
         self.max_batch_tokens = max_batch_tokens
+        # compiled steps (--compile): the per-token math as torch.compile'd functions
+        self.dense = (batch_forward.Dense(model) if compile and batch_forward.compilable(model)
+                      else None)
         self.pending: list[Work] = []
         self.cv = threading.Condition()
         self.closed = False
@@ -84,6 +88,26 @@ class Engine:
         if self.batched:
             self.thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
             self.thread.start()
+        if self.dense is not None:
+            self.warm_up()
+
+    @property
+    def compiled(self) -> bool:
+        return self.dense is not None
+
+    def warm_up(self, sizes: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32, 64)) -> float:
+        """Compile (and on CUDA capture) the step shapes ahead of traffic: a scratch session
+        feeds one forward of each size. The servers call this before they serve."""
+        t0 = time.perf_counter()
+        vocab = self.model.config.vocab_size
+        for n in sizes:
+            if n > self.max_batch_tokens:
+                break
+            seq = self.sequence([i % vocab for i in range(n)])
+            seq.forward()
+            seq.close()
+        log.info("%s engine warmed up in %.1f s", self.name, time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -211,7 +235,7 @@ class Engine:
         started_unix_ns = time.time_ns()
         t0 = time.perf_counter_ns()
         try:
-            batch_forward.forward(self.model, self.store, [r for _, _, r in rows])
+            batch_forward.forward(self.model, self.store, [r for _, _, r in rows], self.dense)
             if self.store.device.type == "cuda":
                 torch.cuda.synchronize(self.store.device)
         except Exception as e:  # a bug or an out-of-memory: fail this step's works, go on
@@ -358,6 +382,18 @@ def describe_engine(engine: Engine) -> str:
     if not engine.batched:
         return "engine: transformers' forward, one session at a time (not a Llama-family model)"
     s = engine.store
-    return (f"engine: batched, KV store {s.tokens} tokens x {s.bytes_per_token} B "
+    return (f"engine: batched{', compiled' if engine.compiled else ''}, KV store {s.tokens} tokens x {s.bytes_per_token} B "
             f"({s.tokens * s.bytes_per_token / 2**20:.0f} MiB), {engine.max_batch_tokens} "
             "tokens per step")
+
+
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def compile_steps(choice: str, device: torch.device) -> bool:
+    """--compile: ``auto`` compiles on CUDA (launch-bound eager steps) and not on the CPU (there
+    the steps are memory-bound and compiling costs minutes for a few percent: the README's
+    measurement); ``on`` and ``off`` force it."""
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {choice!r}")
+    return choice == "on" or (choice == "auto" and device.type == "cuda")

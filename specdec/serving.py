@@ -180,7 +180,7 @@ def engine_info(engine: Any) -> dict:
                 kv_cache_tokens=store.tokens if store else 0,
                 kv_free_tokens=store.free_tokens if store else 0,
                 kv_bytes_per_token=engine.kv_bytes_per_token,
-                max_batch_tokens=engine.max_batch_tokens)
+                max_batch_tokens=engine.max_batch_tokens, compiled=engine.compiled)
 
 
 def eos_token_ids(model: Any) -> list[int]:

@@ -10,6 +10,7 @@ from specdec.engine import (
     DEFAULT_KV_CACHE_TOKENS,
     DEFAULT_MAX_BATCH_TOKENS,
     Engine,
+    compile_steps,
     describe_engine,
 )
 from specdec.kv_store import StoreFull
@@ -21,6 +22,7 @@ from specdec.wire import dist_from_pb, sampling_from_pb
 from target_service.hidden_transfer.layers import Transfer
 from target_service.hidden_transfer.session import HiddenTransferSession
 from target_service.hidden_transfer.tree import chain_paths, tree_paths
+from target_service.tracing import NO_TARGET_TRACE, target_trace
 from target_service.verifier import ProtocolError, TargetSession, Verdict
 
 log = logging.getLogger("pearl.target")
@@ -48,10 +50,11 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                  tree_nodes: int = DEFAULT_TREE_NODES,
                  kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS):
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, compile: str = "auto"):
         self.loaded = loaded
         # one batched forward per step over every session's work (specdec/engine.py)
-        self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "target")
+        self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "target",
+                             compile=compile_steps(compile, loaded.device))
         self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
         self.runner = ModelRunner("target", max_sessions or 256)
         self.live = 0
@@ -95,7 +98,7 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
 
     async def Verify(self, request_iterator, context):
         session: TargetSession | None = None
-        ttrace = None  # this stream's target.verify spans and metrics (None when telemetry is off)
+        ttrace = NO_TARGET_TRACE  # this stream's target.verify spans and metrics, once started
         self.live += 1
         try:
             async for req in idle_limited(request_iterator, self.idle_s, context, "target"):
@@ -105,10 +108,9 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                         if session is not None:
                             raise ProtocolError("start sent twice on one stream")
                         session = self.open(req.start)
-                        ttrace = self.telemetry.target_session(req.start)
+                        ttrace = target_trace(self.telemetry, req.start)
                         verdict = await self.runner.run(session.start, req.start.first_token)
-                        if ttrace is not None:
-                            ttrace.verdict(verdict, 0, "start")
+                        ttrace.verdict(verdict, 0, "start")
                         yield to_pb(verdict, 0, "start")
                     elif kind == "window":
                         if session is None:
@@ -121,8 +123,7 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                             raise ProtocolError(f"window.q: {e}") from None
                         verdict = await self.runner.run(session.verify, w.position,
                                                         list(w.draft_ids), qs, w.bonus, w.held)
-                        if ttrace is not None:
-                            ttrace.verdict(verdict, w.window_id, w.phase)
+                        ttrace.verdict(verdict, w.window_id, w.phase)
                         yield to_pb(verdict, w.window_id, w.phase)
                     elif kind == "stop":
                         return
@@ -137,8 +138,7 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                 except ValueError as e:  # e.g. a draft token outside its q
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window: {e}")
         finally:
-            if ttrace is not None:
-                ttrace.close()
+            ttrace.close()
             if session is not None:
                 session.close()
             self.live -= 1
@@ -148,10 +148,10 @@ async def serve(loaded, port: int, host: str = "[::]", tls: ServerTLS | None = N
                 max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S,
                 transfer: Transfer | None = None, tree_nodes: int = DEFAULT_TREE_NODES,
                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: str = "auto"
                 ) -> tuple[Server, TargetServicer]:
     servicer = TargetServicer(loaded, transfer, tree_nodes, kv_cache_tokens, max_batch_tokens,
-                              max_sessions)
+                              max_sessions, compile)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
                     label="target service", max_sessions=max_sessions)

@@ -45,7 +45,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "vocab_size", "eos_token_ids", "max_positions", "tokenizer_json", "chat_template", "device", "dtype", "live_sessions", "hidden_transfer", "engine", "kv_cache_tokens", "kv_free_tokens", "kv_bytes_per_token", "max_batch_tokens")
+    __slots__ = ("model", "vocab_size", "eos_token_ids", "max_positions", "tokenizer_json", "chat_template", "device", "dtype", "live_sessions", "hidden_transfer", "engine", "kv_cache_tokens", "kv_free_tokens", "kv_bytes_per_token", "max_batch_tokens", "compiled")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class ModelInfoResponse(_message.Message):
     KV_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -76,7 +77,8 @@ class ModelInfoResponse(_message.Message):
     kv_free_tokens: int
     kv_bytes_per_token: int
     max_batch_tokens: int
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_positions: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., live_sessions: _Optional[int] = ..., hidden_transfer: _Optional[str] = ..., engine: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...
+    compiled: bool
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_positions: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., live_sessions: _Optional[int] = ..., hidden_transfer: _Optional[str] = ..., engine: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., compiled: _Optional[bool] = ...) -> None: ...
 
 class DraftStart(_message.Message):
     __slots__ = ("session_id", "prompt_ids", "sampling", "window_id", "draft_until", "trace_context")
