@@ -6,7 +6,7 @@ This is the edge where protobuf ends: each answer is turned into a plain ``Propo
 them: the sampling parameters and the draft's distribution ``q``, handed to the target as they
 came.
 
-Draft writes never block or raise (``_Outbox``): a dead or unreachable draft cannot stall the
+Writes never block or raise (``_Outbox``): a dead or unreachable service cannot stall the
 schedule; its failure arrives as an event from the reader. The channels to draft and target
 reconnect by themselves with a short capped backoff (``BACKEND_OPTIONS``).
 """
@@ -72,6 +72,7 @@ class Verdict:
     accepted_ids: list[int] = field(default_factory=list)  # hidden transfer: its own drafts kept
     queue_ns: int = 0  # time the forward pass waited in the target's engine queue
     batch_rows: int = 0  # sessions in that engine step (0: no forward pass ran)
+    batch_tokens: int = 0  # tokens fed in that step, all sessions together
 
 
 def proposal_from_pb(p: pb.DraftProposal) -> Proposal:
@@ -82,7 +83,7 @@ def proposal_from_pb(p: pb.DraftProposal) -> Proposal:
 def verdict_from_pb(r: pb.VerifyResult) -> Verdict:
     return Verdict(r.position, r.verified, r.accepted, r.token_id if r.has_token else None,
                    r.committed, r.window_id, r.phase, r.forward_ns, r.input_tokens,
-                   list(r.accepted_ids), r.queue_ns, r.batch_rows)
+                   list(r.accepted_ids), r.queue_ns, r.batch_rows, r.batch_tokens)
 
 
 @dataclass
@@ -93,11 +94,55 @@ class Event:
     error: grpc.RpcError | None = None
 
 
+class _Outbox:
+    """A call whose writes are queued and sent in order by one task: ``write`` never blocks nor
+    raises, and no two writes are ever in flight on the call. gRPC takes one write at a time: a
+    second one fails the call locally with INTERNAL, after which its cancel never reaches the
+    service, which keeps the session open until its idle expiry (issue 14, fault 2).
+
+    Nothing is written until the service accepted the session: its guard sends the headers at
+    once (specdec/limits.py). A write racing a refusal would likewise turn the service's own
+    status (RESOURCE_EXHAUSTED at its session limit) into INTERNAL (issue 14, fault 7). Once a
+    write fails the rest are dropped; the reader reports the failure."""
+
+    def __init__(self, call):
+        self.call = call
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.writer = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            await self.call.initial_metadata()  # accepted, or refused: then the call is done
+            if self.call.done():
+                return
+            while (msg := await self.queue.get()) is not None:
+                await self.call.write(msg)
+            await self.call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
+
+    async def write(self, msg) -> None:
+        self.queue.put_nowait(msg)
+
+    async def done_writing(self, timeout_s: float = 1.0) -> None:
+        if self.writer.done():  # finished, failed or cancelled
+            return
+        self.queue.put_nowait(None)
+        await asyncio.wait({self.writer}, timeout=timeout_s)  # never raises the writer's error
+
+    def __aiter__(self):
+        return self.call.__aiter__()
+
+    def cancel(self) -> bool:
+        self.writer.cancel()
+        return self.call.cancel()
+
+
 class _Link:
     source = ""
 
     def __init__(self, call, events: asyncio.Queue):
-        self.call = call
+        self.call = _Outbox(call)
         self.events = events
         self.reader = asyncio.create_task(self._read())
 
@@ -114,14 +159,14 @@ class _Link:
     def _unwrap(self, resp):
         raise NotImplementedError
 
-    async def close(self, stop_msg) -> None:
-        try:
-            await self.call.write(stop_msg)
-            await self.call.done_writing()
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            pass
-        self.reader.cancel()
-        self.call.cancel()
+    async def close(self, stop_msg, grace_s: float = 2.0) -> None:
+        """Send ``stop_msg`` after everything queued, half-close, and give the service up to
+        ``grace_s`` to end the stream by itself (it leaves its handler by its normal path and
+        frees the session); then cancel the call."""
+        await self.call.write(stop_msg)
+        await self.call.done_writing(grace_s)
+        await asyncio.wait({self.reader}, timeout=grace_s)
+        self.cancel()
 
     def cancel(self) -> None:
         """End the stream now (the service frees its session)."""
@@ -129,45 +174,8 @@ class _Link:
         self.call.cancel()
 
 
-class _Outbox:
-    """A call whose writes are queued and sent in order by a task: ``write`` never blocks nor
-    raises; once a write fails the rest are dropped (the reader reports the failure)."""
-
-    def __init__(self, call):
-        self.call = call
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.writer = asyncio.create_task(self._send())
-
-    async def _send(self) -> None:
-        try:
-            while (msg := await self.queue.get()) is not None:
-                await self.call.write(msg)
-            await self.call.done_writing()
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            pass
-
-    async def write(self, msg) -> None:
-        self.queue.put_nowait(msg)
-
-    async def done_writing(self, timeout_s: float = 1.0) -> None:
-        if self.writer.done():  # finished, failed or cancelled (the draft was given up)
-            return
-        self.queue.put_nowait(None)
-        await asyncio.wait({self.writer}, timeout=timeout_s)  # never raises the writer's error
-
-    def __aiter__(self):
-        return self.call.__aiter__()
-
-    def cancel(self) -> bool:
-        self.writer.cancel()
-        return self.call.cancel()
-
-
 class DraftLink(_Link):
     source = "draft"
-
-    def __init__(self, call, events: asyncio.Queue):
-        super().__init__(_Outbox(call), events)
 
     @classmethod
     def open(cls, channel: grpc.aio.Channel, events: asyncio.Queue) -> "DraftLink":

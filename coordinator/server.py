@@ -43,6 +43,31 @@ class InvalidRequest(ValueError):
     pass
 
 
+class Ending:
+    """Ends one request once, whoever asks first (the servicer when Generate exits, or gRPC's
+    done callback when the call ended): the schedule is stopped first, then both streams are
+    closed (coordinator/links.py), in a task of its own that a second cancellation cannot cut
+    short. Until then the services hold the request's sessions."""
+
+    running: set[asyncio.Task] = set()  # referenced until done
+
+    def __init__(self, task: asyncio.Task, links: list):
+        self.task, self.links = task, [link for link in links if link is not None]
+        self.closing: asyncio.Task | None = None
+
+    def __call__(self, _context=None) -> asyncio.Task:
+        if self.closing is None:
+            self.closing = asyncio.ensure_future(self._close())
+            self.running.add(self.closing)
+            self.closing.add_done_callback(self.running.discard)
+        return self.closing
+
+    async def _close(self) -> None:
+        self.task.cancel()
+        await asyncio.wait({self.task})
+        await asyncio.gather(*(link.stop() for link in self.links))
+
+
 def tokenizer_from(info: pb.ModelInfoResponse) -> PreTrainedTokenizerFast:
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(info.tokenizer_json))
     if info.chat_template:
@@ -178,6 +203,8 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         # the links inject the request span into the streams
         task = traced_task(rtrace, decode(schedule, down))
         task.add_done_callback(lambda _: out.queue.put_nowait(None))
+        ending = Ending(task, [target, draft])
+        context.add_done_callback(ending)  # also when the handler is left suspended at a yield
         try:
             while (delta := await out.queue.get()) is not None:
                 yield pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids)
@@ -186,17 +213,10 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
             busy = e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if busy
                                 else grpc.StatusCode.UNAVAILABLE, str(e))
-        except (grpc.RpcError, asyncio.InvalidStateError) as e:  # a write to a dead target
-            detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"target service stream failed during the request: {detail}")
         finally:
             if rtrace is not None:
                 rtrace.fail_if_raising()
-            task.cancel()
-            await target.stop()
-            if draft is not None:
-                await draft.stop()
+            await asyncio.shield(ending())  # a second cancel must not cut the closing short
         stats = rec.finish(len(out.ids), out.finish_reason or "length")
         if rtrace is not None:
             rtrace.done(stats, rec)

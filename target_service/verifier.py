@@ -106,9 +106,9 @@ class TargetSession:
         if position != len(self.seq):
             raise ProtocolError(
                 f"window.position={position} but the committed length is {len(self.seq)}")
-        if position + len(draft) >= self.max_positions:
-            raise ProtocolError(f"window reaches position {position + len(draft)}; the model "
-                                f"takes {self.max_positions}")
+        if position + max(len(draft), 1) > self.max_positions:  # may end at the last position
+            raise ProtocolError(f"window reaches position {position + max(len(draft), 1) - 1}; "
+                                f"the model takes {self.max_positions}")
         check_ids(draft, self.seq.model.config.vocab_size, "window.draft_ids")
         if not self.sampling.greedy and len(qs) != len(draft):
             raise ProtocolError(f"window.q has {len(qs)} distributions for {len(draft)} tokens")
