@@ -71,15 +71,31 @@ class Plan:
 
 
 class Timing:
-    """Moving averages of one draft step and one target verification, in ns.
+    """Moving averages of one draft step and one target verification, in ns, and the window
+    they call for.
 
-    Shared by all requests of a coordinator (they run on the same pair of services)."""
+    gamma = ceil(t_verify / t_draft), clamped to [1, gamma_max]: the draft drafts a window in
+    the time the target verifies one (docs/design.md section 4). Under batching the target's step
+    can become compute-bound: its time then grows with the tokens all sessions feed, and a longer
+    window costs every batch-mate more than it saves. So the rule is also capped by goodput
+    (SmartSpec's idea): from the verdicts' step times and step sizes, a least-squares line
+    t_step = a + b * tokens, and from the verdicts the acceptance rate alpha; among windows up
+    to the balanced one, take the g that maximises the tokens a window commits, (1 - alpha^(g+1))
+    / (1 - alpha), per step time a + b * rows * (g + 1). When steps are memory-bound (b ~ 0) that
+    is the balanced window itself; the cap only bites when extra tokens cost real time.
+
+    Shared by all requests of a coordinator (they run on the same services)."""
+
+    SAMPLES = 64  # recent (step tokens, step time) pairs for the line
 
     def __init__(self, alpha: float = 0.2, gamma_init: int = DEFAULT_GAMMA):
         self.alpha = alpha
         self.gamma_init = gamma_init
         self.t_draft: float | None = None
         self.t_verify: float | None = None
+        self.steps: deque[tuple[int, int]] = deque(maxlen=self.SAMPLES)
+        self.rows: float | None = None  # sessions per target step
+        self.acceptance: float | None = None
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
@@ -88,13 +104,44 @@ class Timing:
         if input_tokens <= 2:  # a decode step; prefills and catch-ups are not
             self.t_draft = self._ema(self.t_draft, forward_ns)
 
-    def verify(self, forward_ns: int) -> None:
+    def verify(self, forward_ns: int, batch_tokens: int = 0, batch_rows: int = 0) -> None:
         self.t_verify = self._ema(self.t_verify, forward_ns)
+        if batch_tokens and batch_rows:
+            self.steps.append((batch_tokens, forward_ns))
+            self.rows = self._ema(self.rows, batch_rows)
+
+    def judged(self, verified: int, accepted: int) -> None:
+        if verified:
+            self.acceptance = self._ema(self.acceptance, accepted / verified)
+
+    def cost_line(self) -> tuple[float, float] | None:
+        """(a, b) of t_step = a + b * tokens over the recent steps; None while the step sizes
+        have not varied enough to tell."""
+        if len(self.steps) < 8:
+            return None
+        n = len(self.steps)
+        mx = sum(x for x, _ in self.steps) / n
+        my = sum(y for _, y in self.steps) / n
+        var = sum((x - mx) ** 2 for x, _ in self.steps)
+        if var < n:  # step sizes almost constant: the slope is not identified
+            return None
+        b = max(0.0, sum((x - mx) * (y - my) for x, y in self.steps) / var)
+        return max(0.0, my - b * mx), b
 
     def gamma(self, gamma_max: int) -> int:
         if self.t_draft is None or self.t_verify is None:
             return min(self.gamma_init, gamma_max)
-        return max(1, min(gamma_max, math.ceil(self.t_verify / self.t_draft)))
+        balanced = max(1, min(gamma_max, math.ceil(self.t_verify / self.t_draft)))
+        line, a_ = self.cost_line(), self.acceptance
+        if line is None or a_ is None or self.rows is None:
+            return balanced
+        a, b = line
+        p = min(a_, 0.999)
+
+        def goodput(g: int) -> float:  # tokens a window commits per ns of step
+            return (1 - p ** (g + 1)) / (1 - p) / (a + b * self.rows * (g + 1))
+
+        return max(range(1, balanced + 1), key=lambda g: (goodput(g), g))
 
 
 @dataclass
@@ -179,7 +226,8 @@ class Request:
                                             prefill=v.phase == "start", queue_ns=v.queue_ns,
                                             batch_rows=v.batch_rows)
                     if v.phase not in ("start", "ht"):  # pearl's gamma: draft-verify windows
-                        self.timing.verify(v.forward_ns)
+                        self.timing.verify(v.forward_ns, v.batch_tokens, v.batch_rows)
+                        self.timing.judged(v.verified, v.accepted)
                 return ev
             if self.draft_lost is not None:
                 continue
