@@ -129,6 +129,7 @@ class Replica:
     limit: int = 0  # its --max-sessions (0: none)
     draining: bool = False
     refused_until: float = 0.0
+    refused_code: str = ""  # the status of its last refusal (RESOURCE_EXHAUSTED: full)
     placed: int = 0  # sessions ever placed on it by this coordinator
     last_placed: float = 0.0
     tasks: list[asyncio.Task] = field(default_factory=list)
@@ -311,6 +312,10 @@ class Pool:
         """The least-loaded usable replica not in ``exclude``; ties: the one chosen longest ago."""
         now = time.monotonic()
         ok = [r for r in self.replicas.values() if r not in exclude and r.usable(now)]
+        if not ok:  # a recent refusal or a polled limit is a preference, not a ban: when no
+            # other replica is left, ask again (the replica's own answer is the truth)
+            ok = [r for r in self.replicas.values() if r not in exclude and r.serving
+                  and r.checked and not r.unfit and not r.draining]
         if not ok:
             return None
         return min(ok, key=lambda r: (r.load() / r.limit if r.limit else r.load(), r.last_placed))
@@ -332,7 +337,7 @@ class Pool:
         if r.draining:
             return "draining"
         if time.monotonic() < r.refused_until:
-            return "refused"
+            return f"refused: {r.refused_code}"
         return f"{r.load()}/{r.limit or '-'} sessions"
 
     async def place(self, open_link: Callable[[grpc.aio.Channel, asyncio.Queue], Any],
@@ -365,6 +370,7 @@ class Pool:
             drop(link)
             code, detail = refusal
             r.refused_until = time.monotonic() + self.refused_s
+            r.refused_code = code.name
             log.info("%s replica %s refused a session (%s: %s); trying another", self.role,
                      r.address, code.name, detail)
             last = NoReplica(f"{self.role} stream failed: {code.name}: {detail}",
