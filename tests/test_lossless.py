@@ -35,6 +35,11 @@ def test_every_mode_equals_target_greedy(client, tiny_target, prompt, n):
         assert s["accepted_tokens"] <= s["draft_tokens"]
         if mode == "ar":
             assert s["target_forwards"] == n and s["draft_forwards"] == 0
+        elif n > 1:  # speculation happened: the draft's tokens were judged, none fell back
+            assert not s["fell_back"], s["fallback_reason"]
+            assert s["draft_tokens"] > 0 and s["draft_forwards"] > 0
+            if n == 48:  # the noisy draft differs from the target somewhere in 48 tokens
+                assert 0 < s["acceptance_rate"] < 1, f"{mode} gamma={gamma}: {s}"
 
 
 def test_speculation_saves_target_forwards(client, tiny_target):
@@ -44,6 +49,7 @@ def test_speculation_saves_target_forwards(client, tiny_target):
     assert r["ar"].token_ids == r["sd"].token_ids == r["pearl"].token_ids
     for m in ("sd", "pearl"):
         s = r[m].stats
+        assert not s["fell_back"] and s["draft_tokens"] > 0
         assert 0 < s["acceptance_rate"] < 1, "the noisy draft should be right sometimes"
         assert s["target_forwards"] < r["ar"].stats["target_forwards"]
         assert s["tokens_per_target_forward"] > 1

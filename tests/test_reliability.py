@@ -84,6 +84,11 @@ def slow_draft(c: Cluster, after: int, delay_s: float) -> None:
 
     runner.run = run
 
+    def restore() -> None:
+        runner.run = original
+
+    return restore
+
 
 # -- the draft is an accelerator ----------------------------------------------------------------
 
@@ -180,15 +185,27 @@ def test_draft_refusing_sessions_means_target_alone(fresh, ref):
 
 
 def test_sampled_fallback_stays_seeded(fresh):
-    """With sampling, a fallback still returns max_new_tokens tokens drawn by the target, and the
-    same seed without faults gives the same output as before (nothing leaks across requests)."""
+    """What a seed promises across a fallback: the tokens decided before the draft was lost are
+    the undisturbed run's; from there the target alone decides with its own seeded draws, exactly
+    what `ar` with the same seed gives continuing that prefix (the draws differ from pearl's
+    after the loss: another rule decides those positions); and a request after the fault repeats
+    the undisturbed run (nothing leaks across requests)."""
     c = fresh(coordinator_kw=dict(draft_timeout_s=0.3))
-    kw = dict(mode="pearl", max_new_tokens=24, ignore_eos=True, temperature=0.8, seed=11)
+    n = 24
+    kw = dict(max_new_tokens=n, ignore_eos=True, temperature=0.8, seed=11)
     with Client(c.address, timeout_s=30) as cl:
-        a = cl.complete(PROMPT, **kw)
-        slow_draft(c, after=3, delay_s=30)
-        b = cl.complete(PROMPT, **kw)
-    assert b.stats["fell_back"] and len(b.token_ids) == 24 and not a.stats["fell_back"]
+        a = cl.complete(PROMPT, mode="pearl", **kw)
+        restore = slow_draft(c, after=3, delay_s=30)
+        b = cl.complete(PROMPT, mode="pearl", **kw)
+        restore()
+        again = cl.complete(PROMPT, mode="pearl", **kw)
+        assert not a.stats["fell_back"] and b.stats["fell_back"] and not again.stats["fell_back"]
+        assert again.token_ids == a.token_ids
+        assert len(b.token_ids) == n and b.token_ids != a.token_ids
+        splits = [k for k in range(n) if b.token_ids[:k] == a.token_ids[:k]
+                  and cl.complete(PROMPT + b.token_ids[:k], mode="ar",
+                                  **{**kw, "max_new_tokens": n - k}).token_ids == b.token_ids[k:]]
+    assert splits, "the fallback's tokens are neither pearl's nor the target's seeded draws"
 
 
 # -- the target is a dependency -------------------------------------------------------------------
