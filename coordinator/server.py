@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from coordinator.links import BACKEND_OPTIONS, DraftLink, TargetLink, draft_down
 from coordinator.output import Output
 from coordinator.schedule import SCHEDULES, Plan, Request, ServiceLost, Timing, decode
+from coordinator.tracing import request_trace
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
 from specdec.defaults import (
@@ -27,7 +28,7 @@ from specdec.defaults import (
 from specdec.security import ClientTLS, ServerTLS, TokenAuth, aio_channel
 from specdec.serving import Server
 from specdec.stats import Recorder
-from specdec.telemetry import Telemetry, traced_task
+from specdec.telemetry import Telemetry
 from specdec.wire import sampling_from_pb, sampling_to_pb
 
 log = logging.getLogger("pearl.coordinator")
@@ -190,7 +191,7 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
             mode, plan = self.plan(request)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        rtrace = self.telemetry.request(context, mode, plan)  # pearl.generate; None when off
+        rtrace = request_trace(self.telemetry, context, mode, plan)  # pearl.generate
         events: asyncio.Queue = asyncio.Queue()
         target = TargetLink.open(self.target_ch, events)
         uses_draft = mode in WITH_DRAFT
@@ -201,7 +202,7 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         rec = Recorder(mode, len(plan.prompt_ids))
         schedule = SCHEDULES[mode](Request(plan, target, draft, events, out, rec, self.timing))
         # the links inject the request span into the streams
-        task = traced_task(rtrace, decode(schedule, down))
+        task = rtrace.task(decode(schedule, down))
         task.add_done_callback(lambda _: out.queue.put_nowait(None))
         ending = Ending(task, [target, draft])
         context.add_done_callback(ending)  # also when the handler is left suspended at a yield
@@ -214,12 +215,10 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if busy
                                 else grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
-            if rtrace is not None:
-                rtrace.fail_if_raising()
+            rtrace.fail_if_raising()
             await asyncio.shield(ending())  # a second cancel must not cut the closing short
         stats = rec.finish(len(out.ids), out.finish_reason or "length")
-        if rtrace is not None:
-            rtrace.done(stats, rec)
+        rtrace.done(stats, rec)
         yield pb.GenerateResponse(stats=stats_to_pb(stats))
 
 

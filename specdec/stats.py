@@ -113,10 +113,14 @@ class Recorder:
     def window(self, gamma: int) -> None:
         self.gammas.append(gamma)
 
+    def accepted_runs(self) -> list[int]:
+        """Runs of consecutively accepted draft tokens, the open one last (none without drafts)."""
+        return self.runs + [self.run] if self.draft_tokens else []
+
     def finish(self, new_tokens: int, reason: str) -> dict:
         end = self.now()
         wall_ns = max(1, end - self.t0)
-        runs = self.runs + [self.run] if self.draft_tokens else []
+        runs = self.accepted_runs()
         both = intersection(self.draft_busy, self.target_busy)
         wall_s = wall_ns / 1e9
         offsets = range(max(self.by_offset) + 1) if self.by_offset else range(0)

@@ -3,21 +3,15 @@ the metrics instruments of section 6, and trace context carried across the long-
 
 One ``Telemetry`` per service object, each with its own TracerProvider and MeterProvider (never
 the global ones), so that three services in one process keep their own service names. Nothing is
-configured by default: ``Telemetry.off()`` has a no-op tracer and no meter, and the servicers'
-hooks (``draft_session``, ``target_session``, ``request``) return None then, so no per-token work
-is done at all.
+configured by default: ``Telemetry.off()`` has a no-op tracer and no meter, and the services'
+traces are no-op objects then, so no per-token work is done at all.
 
-Spans (names and attributes are fixed; docs/tracing.md explains how to read them):
+Each service's spans live with that service (names and attributes are fixed; docs/tracing.md
+explains how to read them):
 
-- ``pearl.generate`` (coordinator): one per request; mode, session, prompt and new tokens, and the
-  final statistics as ``pearl.stats.<name>``. Its parent is the client's span when the client
-  sent a ``traceparent`` in the call's metadata.
-- ``draft.window`` (draft): one per draft window that drafted at least one token, from the start
-  of its first forward pass to the end of its last; the window's fate (``accepted``, ``cut`` at
-  ``pearl.cut_at``, ``stale``, or ``ended`` when the session closed before a rollback judged it),
-  the exact forward passes as two integer lists, and a ``rollback`` event.
-- ``target.verify`` (target): one per verdict, exactly the forward pass (zero length for a
-  ``held`` verdict, which runs none); position, tokens verified and accepted, phase.
+- ``pearl.generate`` (coordinator/tracing.py): one per request, with its final statistics.
+- ``draft.window`` (draft_service/tracing.py): one per draft window that drafted, and its fate.
+- ``target.verify`` (target_service/tracing.py): one per verdict, exactly its forward pass.
 
 The services parent their spans on the W3C trace context that the coordinator puts in
 ``DraftStart.trace_context`` / ``VerifyStart.trace_context``.
@@ -26,10 +20,7 @@ The services parent their spans on the W3C trace context that the coordinator pu
 import asyncio
 import json
 import os
-import sys
 import threading
-import time
-from dataclasses import dataclass, field
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -37,7 +28,6 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SimpleSpanProcessor, SpanExporter,
                                             SpanExportResult)
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 SERVICE_NAMES = {"draft": "pearl-draft", "target": "pearl-target",
                  "coordinator": "pearl-coordinator"}
@@ -58,19 +48,14 @@ def extract_context(carrier) -> otel_context.Context:
     return propagate.extract(dict(carrier))
 
 
-def traced_task(request: "RequestTrace | None", coro) -> asyncio.Task:
-    """``asyncio.create_task(coro)`` with the request span current in the task, so that the links
-    it writes to carry it to the services (``inject_context``); also notes when the schedule
-    ended (the last event it consumed), which `pearl trace` needs to match the statistics."""
-    if request is None:
-        return asyncio.create_task(coro)
-    token = otel_context.attach(trace.set_span_in_context(request.span))
+def traced_task(span: trace.Span, coro) -> asyncio.Task:
+    """``asyncio.create_task(coro)`` with ``span`` current in the task, so that what the task
+    sends carries it (``inject_context``)."""
+    token = otel_context.attach(trace.set_span_in_context(span))
     try:
-        task = asyncio.create_task(coro)
+        return asyncio.create_task(coro)
     finally:
         otel_context.detach(token)
-    task.add_done_callback(request.schedule_done)
-    return task
 
 
 # -- exporters ---------------------------------------------------------------------------------
@@ -298,215 +283,3 @@ class Telemetry:
             self._http[0].shutdown()
             self._http[0].server_close()
             self._http = None
-
-    # -- hooks the servicers call; each returns None when telemetry is off ----------------------
-
-    def request(self, grpc_context, mode: str, plan) -> "RequestTrace | None":
-        return RequestTrace(self, grpc_context, mode, plan) if self.enabled else None
-
-    def draft_session(self, start) -> "DraftTrace | None":
-        return DraftTrace(self, start) if self.enabled else None
-
-    def target_session(self, start) -> "TargetTrace | None":
-        return TargetTrace(self, start) if self.enabled else None
-
-
-# -- coordinator -------------------------------------------------------------------------------
-
-class RequestTrace:
-    """The coordinator's ``pearl.generate`` span and request metrics."""
-
-    def __init__(self, tel: Telemetry, grpc_context, mode: str, plan):
-        self.tel = tel
-        self.mode = mode
-        self.open = True
-        parent = None
-        if tel.tracing and grpc_context is not None:
-            md = {m.key: m.value for m in (grpc_context.invocation_metadata() or ())
-                  if isinstance(m.value, str)}
-            parent = extract_context(md)
-        self.span = tel.tracer.start_span("pearl.generate", context=parent, kind=SpanKind.SERVER,
-                                          attributes={
-            "pearl.mode": mode, "pearl.session_id": plan.session_id,
-            "pearl.prompt_tokens": len(plan.prompt_ids),
-            "pearl.max_new_tokens": plan.max_new_tokens,
-            "pearl.gamma_fixed": plan.gamma or 0, "pearl.gamma_max": plan.gamma_max})
-        if tel.metrics is not None:
-            tel.metrics.active_sessions.add(1)
-
-    def schedule_done(self, _task=None) -> None:
-        if self.open and self.span.is_recording():
-            self.span.set_attribute("pearl.schedule_end_unix_ns", time.time_ns())
-
-    def _end(self) -> None:
-        self.open = False
-        self.span.end()
-        if self.tel.metrics is not None:
-            self.tel.metrics.active_sessions.add(-1)
-
-    def done(self, stats: dict, rec) -> None:
-        """Right after ``Recorder.finish``: the final statistics on the span, the metrics."""
-        if not self.open:
-            return
-        if self.span.is_recording():
-            self.span.set_attribute("pearl.new_tokens", stats["new_tokens"])
-            for k, v in stats.items():
-                if isinstance(v, dict):
-                    v = json.dumps({str(a): b for a, b in v.items()})
-                self.span.set_attribute(f"pearl.stats.{k}", v)
-        if self.tel.metrics is not None:
-            runs = rec.runs + [rec.run] if rec.draft_tokens else []
-            self.tel.metrics.request(stats, runs)
-        self._end()
-
-    def fail_if_raising(self) -> None:
-        """In the servicer's ``finally``: end the span with an error status when an exception
-        (abort, cancellation, a lost service) is leaving Generate; on success ``done`` ends it."""
-        exc = sys.exc_info()[1]
-        if exc is None or not self.open:
-            return
-        self.span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        if self.tel.metrics is not None:
-            self.tel.metrics.requests.add(1, {"reported_by": "coordinator", "mode": self.mode,
-                                              "finish_reason": "error"})
-        self._end()
-
-
-# -- draft -------------------------------------------------------------------------------------
-
-@dataclass
-class _Window:
-    id: int
-    start: int  # first position
-    goal: int  # the sequence length the window drafts up to
-    starts: list[int] = field(default_factory=list)  # forward passes: wall-clock start (ns)
-    durations: list[int] = field(default_factory=list)  # and duration (ns)
-    input_tokens: int = 0
-    batch_rows: list[int] = field(default_factory=list)  # engine step sizes of those passes
-    queue_ns: list[int] = field(default_factory=list)  # and their waits for the step
-
-
-class DraftTrace:
-    """Follows one draft stream's windows from its control messages and proposals, and emits a
-    ``draft.window`` span per window once its fate is known."""
-
-    def __init__(self, tel: Telemetry, start):
-        self.tel = tel
-        self.ctx = extract_context(start.trace_context) if tel.tracing else None
-        self.session = start.session_id
-        self.windows: list[_Window] = []
-        self.goal = 0
-        self._open(start.window_id, len(start.prompt_ids), start.draft_until)
-        if tel.metrics is not None:
-            tel.metrics.active_sessions.add(1)
-
-    def _open(self, wid: int, start: int, goal: int) -> None:
-        self.windows.append(_Window(wid, start, goal))
-        self.goal = goal
-
-    def request(self, req) -> None:
-        """A control message after start (extend, rollback) was applied."""
-        kind = req.WhichOneof("kind")
-        if kind == "extend":
-            self._open(req.extend.window_id, self.goal, req.extend.draft_until)
-        elif kind == "rollback":
-            r = req.rollback
-            now = time.time_ns()
-            spans = self._close_all(r.keep)
-            if spans:  # the event goes on the window the rejection cut (or the last one)
-                cut = next((s for s, fate, _ in spans if fate != "accepted"), spans[-1][0])
-                cut.add_event("rollback", {"pearl.keep": r.keep,
-                                           "pearl.appended": len(r.append_ids),
-                                           "pearl.next_window_id": r.window_id}, timestamp=now)
-            for s, _, end in spans:
-                s.end(end_time=end)
-            self._open(r.window_id, r.keep + len(r.append_ids), r.draft_until)
-
-    def proposal(self, p) -> None:
-        """A drafted token (a ``drafter.Proposal``), after its forward pass."""
-        if self.tel.metrics is not None:
-            self.tel.metrics.draft_forwards.add(1, {"reported_by": "service"})
-            self.tel.metrics.queue_wait.record(p.queue_ns / 1e9, {"reported_by": "draft"})
-        if self.ctx is None:
-            return
-        w = next((w for w in reversed(self.windows) if w.id == p.window_id), None)
-        if w is not None:
-            w.starts.append(p.started_unix_ns)
-            w.durations.append(p.forward_ns)
-            w.input_tokens += p.input_tokens
-            w.batch_rows.append(p.batch_rows)
-            w.queue_ns.append(p.queue_ns)
-
-    def _close_all(self, keep: int | None) -> list:
-        """Start spans for every window that drafted; ``keep`` None: the session ended."""
-        out = []
-        for w in self.windows:
-            if not w.starts or self.ctx is None:
-                continue
-            n = len(w.starts)
-            attrs = {"pearl.session_id": self.session, "pearl.window_id": w.id,
-                     "pearl.position": w.start, "pearl.tokens_drafted": n,
-                     "pearl.gamma": w.goal - w.start, "pearl.input_tokens": w.input_tokens,
-                     "pearl.forward_starts_unix_ns": w.starts, "pearl.forward_ns": w.durations,
-                     "pearl.batch_rows": w.batch_rows, "pearl.queue_ns": w.queue_ns}
-            if keep is None:
-                fate = "ended"
-            elif w.start + n <= keep:
-                fate = "accepted"
-            elif w.start <= keep:
-                fate = "cut"
-                attrs["pearl.cut_at"] = keep - w.start
-            else:
-                fate = "stale"
-            attrs["pearl.fate"] = fate
-            span = self.tel.tracer.start_span("draft.window", context=self.ctx,
-                                              start_time=w.starts[0], attributes=attrs)
-            out.append((span, fate, max(s + d for s, d in zip(w.starts, w.durations))))
-        self.windows = []
-        return out
-
-    def close(self) -> None:
-        for s, _, end in self._close_all(None):
-            s.end(end_time=end)
-        if self.tel.metrics is not None:
-            self.tel.metrics.active_sessions.add(-1)
-
-
-# -- target ------------------------------------------------------------------------------------
-
-class TargetTrace:
-    """One target stream: a ``target.verify`` span per verdict, forward counts and latency."""
-
-    def __init__(self, tel: Telemetry, start):
-        self.tel = tel
-        self.ctx = extract_context(start.trace_context) if tel.tracing else None
-        self.session = start.session_id
-        if tel.metrics is not None:
-            tel.metrics.active_sessions.add(1)
-
-    def verdict(self, v, window_id: int, phase: str) -> None:
-        """A ``verifier.Verdict`` for a start (phase "start") or a window."""
-        m = self.tel.metrics
-        if m is not None and v.input_tokens:
-            m.target_forwards.add(1, {"reported_by": "service"})
-            if phase != "start":
-                m.verify_latency.record(v.forward_ns / 1e9, {"phase": phase})
-            m.queue_wait.record(v.queue_ns / 1e9, {"reported_by": "target"})
-        if self.ctx is None:
-            return
-        start = v.started_unix_ns if v.input_tokens else time.time_ns()
-        rejected = v.accepted < v.verified
-        span = self.tel.tracer.start_span("target.verify", context=self.ctx, start_time=start,
-                                          attributes={
-            "pearl.session_id": self.session, "pearl.window_id": window_id,
-            "pearl.phase": phase, "pearl.position": v.position, "pearl.verified": v.verified,
-            "pearl.accepted": v.accepted, "pearl.rejected": rejected,
-            "pearl.committed": v.committed, "pearl.input_tokens": v.input_tokens,
-            "pearl.forward_ns": v.forward_ns, "pearl.batch_rows": v.batch_rows,
-            "pearl.batch_tokens": v.batch_tokens, "pearl.queue_ns": v.queue_ns})
-        span.end(end_time=start + v.forward_ns)
-
-    def close(self) -> None:
-        if self.tel.metrics is not None:
-            self.tel.metrics.active_sessions.add(-1)
-

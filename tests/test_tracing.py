@@ -27,14 +27,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster import Cluster
 from conftest import noisy_copy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from coordinator.tracing import NO_REQUEST_TRACE
+from coordinator.tracing import request_trace as open_request_trace
+from draft_service.drafter import Proposal
+from draft_service.tracing import NO_DRAFT_TRACE, DraftTrace, draft_trace
 from pearl.cli import main as pearl_main
 from pearl.client import Client
 from pearl.trace import figures, load_spans, pick_request
 from protos.v1 import pearl_pb2 as pb
 from specdec.models import tiny_loaded
 from specdec.stats import intersection
-from specdec.telemetry import (DraftTrace, JsonLinesSpanExporter, Telemetry, inject_context,
-                               span_to_dict)
+from specdec.telemetry import JsonLinesSpanExporter, Telemetry, inject_context, span_to_dict
+from target_service.tracing import NO_TARGET_TRACE, target_trace
 
 ROLES = ("draft", "target", "coordinator")
 PROMPT = list(range(30, 60))
@@ -154,6 +158,14 @@ def test_one_trace_per_request_with_the_right_parents(traced, mode):
         assert s["end_unix_ns"] == max(st + d for st, d in zip(a["pearl.forward_starts_unix_ns"],
                                                                 a["pearl.forward_ns"]))
         assert 1 <= a["pearl.tokens_drafted"] <= a["pearl.gamma"]
+        # each forward pass's engine step size and queue wait (one per pass)
+        assert len(a["pearl.batch_rows"]) == len(a["pearl.queue_ns"]) == len(a["pearl.forward_ns"])
+        assert min(a["pearl.batch_rows"]) >= 1
+    for s in verifies:  # the engine step the verdict's forward pass ran in
+        a = s["attributes"]
+        if a["pearl.input_tokens"]:
+            assert a["pearl.batch_rows"] >= 1 and a["pearl.batch_tokens"] >= a["pearl.input_tokens"]
+            assert a["pearl.queue_ns"] >= 0
 
 
 def test_pearl_draft_and_verify_spans_overlap_and_sd_do_not(traced):
@@ -219,8 +231,15 @@ def test_prometheus_counters_add_up_to_what_generate_reported(traced):
     assert t["pearl_verify_latency_seconds_count"] == total("target_forwards") - len(runs)
     d = scrape(traced.metrics_url["draft"])
     assert d["pearl_draft_forwards_total{service}"] >= total("draft_forwards")
+    # the engines: a queue wait per forward, a batch size, tokens and latency per step
+    assert t["pearl_engine_queue_wait_seconds_count{target}"] == total("target_forwards")
+    assert d["pearl_engine_queue_wait_seconds_count{draft}"] == \
+        d["pearl_draft_forwards_total{service}"]
     for role_metrics in (t, d):
         assert role_metrics["pearl_active_sessions"] == 0
+        steps = role_metrics["pearl_engine_batch_rows_count"]
+        assert steps > 0 and role_metrics["pearl_engine_batch_tokens_count"] == steps
+        assert role_metrics["pearl_engine_step_latency_seconds_count"] == steps
 
 
 def test_pearl_trace_draws_the_request_and_matches_its_statistics(traced, tmp_path, capsys):
@@ -313,8 +332,9 @@ def test_telemetry_is_off_by_default_and_health_is_not_traced(traced, monkeypatc
     assert off is Telemetry.off() and not off.enabled and not off.tracing
     assert isinstance(off.tracer, trace.NoOpTracer)
     start = pb.DraftStart(session_id="s", prompt_ids=[1, 2], window_id=1, draft_until=4)
-    assert off.draft_session(start) is None and off.target_session(pb.VerifyStart()) is None
-    assert off.request(None, "pearl", None) is None
+    assert draft_trace(off, start) is NO_DRAFT_TRACE
+    assert target_trace(off, pb.VerifyStart()) is NO_TARGET_TRACE
+    assert open_request_trace(off, None, "pearl", None) is NO_REQUEST_TRACE
     assert inject_context() == {}  # no span: nothing crosses the streams
     from coordinator.server import CoordinatorServicer
     from draft_service.server import DraftServicer
@@ -342,8 +362,7 @@ def test_draft_window_fates_from_the_control_messages():
                                       draft_until=13, trace_context=carrier))
 
     def prop(wid, pos, t):
-        d.proposal(type("P", (), dict(window_id=wid, position=pos, started_unix_ns=t,
-                                      forward_ns=10, input_tokens=1)))
+        d.proposal(Proposal(wid, pos, 0, forward_ns=10, started_unix_ns=t, input_tokens=1))
 
     for i, pos in enumerate((10, 11, 12)):
         prop(1, pos, 1000 + 100 * i)
