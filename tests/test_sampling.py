@@ -1,6 +1,7 @@
 """Sampling: the acceptance rule emits tokens distributed as p; end to end over real services the
-first two tokens follow the target's exact joint distribution (chi-square), a draft-only sampler
-is rejected by the same test, seeds make outputs repeatable, bad values are refused."""
+first two tokens, and the first four across windows and rollbacks, follow the target's exact joint
+distribution (chi-square against an independent warp), a draft-only sampler is rejected by the
+same test, seeds make outputs repeatable, bad values are refused."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from chi2 import chi2_pvalue, exact_joint, reference_warp, sample_joint
 from cluster import Cluster
 from conftest import noisy_copy
 from pearl.client import Client
@@ -95,7 +97,8 @@ def test_uniform_is_keyed_and_uniform():
     assert abs(u.mean() - 0.5) < 0.01 and u.min() >= 0 and u.max() < 1
 
 
-# -- end to end: chi-square of the first two tokens ---------------------------------------------
+# -- end to end: chi-square against the target's exact distribution ----------------------------
+# The expected distributions come from tests/chi2.py, which warps logits with its own code.
 
 V = 24
 PROMPT = [3, 17, 5, 9]
@@ -118,50 +121,29 @@ def small_cluster(pair):
     c.close()
 
 
-def exact_joint(model, s: Sampling) -> np.ndarray:
-    """P(t1, t2) [V, V] of the first two new tokens, computed from the model's logits."""
-    with torch.inference_mode():
-        l1 = model(torch.tensor([PROMPT])).logits[0, -1]
-        batch = torch.tensor([PROMPT + [t] for t in range(V)])
-        l2 = model(batch).logits[:, -1]
-    p1 = warp(l1, s)
-    p2 = warp(l2, s)
-    return p1[:, None] * p2
-
-
-def draft_only_samples(model, s: Sampling, n: int) -> list[tuple[int, int]]:
-    """The negative control: two tokens sampled from the draft model alone."""
-    joint = exact_joint(model, s).ravel()
-    rng = np.random.default_rng(0)
-    idx = rng.choice(len(joint), size=n, p=joint / joint.sum())
-    return [(i // V, i % V) for i in idx]
-
-
-def chi2_pvalue(samples: list[tuple[int, int]], joint: np.ndarray) -> float:
-    """Goodness of fit of 2-token samples to the exact joint; cells expected < 5 are pooled."""
-    counts = np.zeros(V * V)
-    for a, b in samples:
-        counts[a * V + b] += 1
-    expected = joint.ravel() * len(samples)
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    if obs.sum() != len(samples):  # a sample the null hypothesis calls impossible
-        return 0.0
-    return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
-
-
-def spec_samples(address: str, mode: str, s: Sampling, n: int) -> list[tuple[int, int]]:
+def spec_samples(address: str, mode: str, s: Sampling, n: int, tokens: int = 2,
+                 gamma: int = 0) -> tuple[list[tuple[int, ...]], list[dict]]:
+    """``n`` requests with seeds 1000.. : their new tokens and their statistics."""
     def one(seed):
         with Client(address) as c:
-            r = c.complete(PROMPT, mode=mode, max_new_tokens=2, temperature=s.temperature,
-                           top_k=s.top_k, top_p=s.top_p, seed=seed, gamma=3 if mode == "sd" else 0)
-        return tuple(r.token_ids)
+            r = c.complete(PROMPT, mode=mode, max_new_tokens=tokens, temperature=s.temperature,
+                           top_k=s.top_k, top_p=s.top_p, seed=seed, gamma=gamma)
+        return tuple(r.token_ids), r.stats
 
     with ThreadPoolExecutor(6) as pool:
-        return list(pool.map(one, range(1000, 1000 + n)))
+        done = list(pool.map(one, range(1000, 1000 + n)))
+    return [t for t, _ in done], [st for _, st in done]
+
+
+def assert_speculated(mode: str, stats: list[dict]) -> float:
+    """The samples came from speculation, not from the target alone: every request judged draft
+    tokens without falling back, and the draft was sometimes rejected. The acceptance."""
+    assert not any(st["fell_back"] for st in stats), f"{mode}: a request fell back"
+    assert all(st["draft_tokens"] > 0 for st in stats), f"{mode}: a request judged no draft token"
+    drafted = sum(st["draft_tokens"] for st in stats)
+    acceptance = sum(st["accepted_tokens"] for st in stats) / drafted
+    assert 0.05 < acceptance < 0.95, f"{mode}: acceptance {acceptance:.3f}"
+    return acceptance
 
 
 SETTINGS = [Sampling(1.0), Sampling(1.0, top_k=8, top_p=0.9)]
@@ -170,13 +152,54 @@ SETTINGS = [Sampling(1.0), Sampling(1.0, top_k=8, top_p=0.9)]
 @pytest.mark.parametrize("s", SETTINGS, ids=["t1", "topk8-topp0.9"])
 def test_chi_square_sd_and_pearl_match_target(small_cluster, pair, s):
     draft, target = pair
-    joint = exact_joint(target.model, s)
-    control = chi2_pvalue(draft_only_samples(draft.model, s, N), joint)
+    warp_args = (s.temperature, s.top_k, s.top_p)
+    joint = exact_joint(target.model, PROMPT, 2, *warp_args)
+    control = chi2_pvalue(sample_joint(exact_joint(draft.model, PROMPT, 2, *warp_args), N), joint)
     assert control < 1e-6, f"the test has no power: draft-only p-value {control:.2e}"
     for mode in ("sd", "pearl"):
-        pv = chi2_pvalue(spec_samples(small_cluster.address, mode, s, N), joint)
-        print(f"{mode} {s}: p-value {pv:.4f} (draft-only control {control:.2e})")
+        samples, stats = spec_samples(small_cluster.address, mode, s, N,
+                                      gamma=3 if mode == "sd" else 0)
+        acceptance = assert_speculated(mode, stats)
+        pv = chi2_pvalue(samples, joint)
+        print(f"{mode} {s}: p-value {pv:.4f} (draft-only control {control:.2e}), "
+              f"acceptance {acceptance:.3f}")
         assert pv > 1e-3, f"{mode}: speculative samples do not follow the target ({pv:.2e})"
+
+
+@pytest.mark.slow  # 2 x 1500 requests: ~1 min on two loaded cores
+def test_chi_square_four_tokens_across_windows_and_rollbacks(small_cluster, pair):
+    """The joint of the first four tokens, with windows of two: tokens 3 and 4 lie beyond the
+    first window, and in most requests after a rejection and the rollback it causes. top-k 3
+    keeps the joint to 81 cells, so 1500 samples measure every one."""
+    draft, target = pair
+    s = Sampling(1.0, top_k=3)
+    joint = exact_joint(target.model, PROMPT, 4, 1.0, 3)
+    control = chi2_pvalue(sample_joint(exact_joint(draft.model, PROMPT, 4, 1.0, 3), N), joint)
+    assert control < 1e-6, f"the test has no power: draft-only p-value {control:.2e}"
+    for mode in ("sd", "pearl"):
+        samples, stats = spec_samples(small_cluster.address, mode, s, N, tokens=4, gamma=2)
+        acceptance = assert_speculated(mode, stats)
+        rejected = sum(st["accepted_tokens"] < st["draft_tokens"] for st in stats)
+        assert rejected > N / 3, f"{mode}: only {rejected} requests saw a rejection"
+        assert all(len(t) == 4 for t in samples)
+        pv = chi2_pvalue(samples, joint)
+        print(f"{mode} 4 tokens: p-value {pv:.4f} (draft-only control {control:.2e}), "
+              f"acceptance {acceptance:.3f}, {rejected} of {N} requests rejected a draft token")
+        assert pv > 1e-3, f"{mode}: speculative samples do not follow the target ({pv:.2e})"
+
+
+def test_reference_warp_is_what_the_readme_says():
+    """The test's own warp against hand-computed cases (it must not be checked against warp)."""
+    logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
+    assert np.allclose(reference_warp(logits, 1.0), [0.5, 0.2, 0.15, 0.1, 0.05])
+    assert np.allclose(reference_warp(logits, 1.0, top_k=2), [5 / 7, 2 / 7, 0, 0, 0])
+    assert np.allclose(reference_warp(logits, 1.0, top_p=0.69), [5 / 7, 2 / 7, 0, 0, 0])
+    assert np.allclose(reference_warp(logits, 1.0, top_p=0.71), [0.5 / 0.85, 0.2 / 0.85,
+                                                                0.15 / 0.85, 0, 0])
+    assert np.allclose(reference_warp(logits, 1.0, top_k=3, top_p=0.9),
+                       [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0])
+    sq = np.array([0.5, 0.2, 0.15, 0.1, 0.05]) ** 2
+    assert np.allclose(reference_warp(logits, 0.5), sq / sq.sum())
 
 
 # -- seeds --------------------------------------------------------------------------------------
