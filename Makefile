@@ -5,7 +5,7 @@ PEARL  := $(VENV)/bin/pearl
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup protos models run demo test test-fast bench bench-load transfer clean
+.PHONY: setup protos models run demo test test-fast soak bench bench-load transfer clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ test: setup k8s-tools
 
 test-fast: setup k8s-tools
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The soak under load and faults (pearl/soak.py): real services, 8 clients, the draft killed every
+# ~30 s and the target once; SOAK_S seconds of load (CI runs 75 s inside `make test`).
+SOAK_S ?= 600
+soak: setup
+	PEARL_SOAK_S=$(SOAK_S) $(PY) -m pytest -q -s -m soak tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -49,10 +49,11 @@ def raw_stream(address: str, method: str, messages: list[bytes]) -> tuple[grpc.S
 
 
 def live_sessions(cluster) -> tuple[int, int]:
+    req = pb.ModelInfoRequest()
     with grpc.insecure_channel(cluster.draft_address) as d, \
             grpc.insecure_channel(cluster.target_address) as t:
-        return (pearl_pb2_grpc.DraftServiceStub(d).GetModelInfo(pb.ModelInfoRequest()).live_sessions,
-                pearl_pb2_grpc.TargetServiceStub(t).GetModelInfo(pb.ModelInfoRequest()).live_sessions)
+        return (pearl_pb2_grpc.DraftServiceStub(d).GetModelInfo(req).live_sessions,
+                pearl_pb2_grpc.TargetServiceStub(t).GetModelInfo(req).live_sessions)
 
 
 # Fault 4: bytes that are no message. Before: Generate answered UNKNOWN ("Unexpected
