@@ -14,7 +14,7 @@ from cluster import Cluster
 from conftest import greedy_reference
 from pearl.client import Client
 from specdec.models import LoadedModel, noisy_copy, tiny_loaded
-from target_service.transfer_train import train
+from pearl.transfer_train import train
 
 V, K, LAYER = 64, 3, 2
 PROMPT = [7, 3, 22, 41, 9, 13, 2, 30]
