@@ -11,8 +11,9 @@ import grpc
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from coordinator.links import BACKEND_OPTIONS, DraftLink, TargetLink, draft_down
+from coordinator.links import BACKEND_OPTIONS, DraftLink, TargetLink
 from coordinator.output import Output
+from coordinator.replicas import NoReplica, Pool, drop
 from coordinator.schedule import SCHEDULES, Plan, Request, ServiceLost, Timing, decode
 from coordinator.tracing import request_trace
 from protos.v1 import pearl_pb2 as pb
@@ -25,7 +26,7 @@ from specdec.defaults import (
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_MAX_SESSIONS,
 )
-from specdec.security import ClientTLS, ServerTLS, TokenAuth, aio_channel
+from specdec.security import ClientTLS, ServerTLS, TokenAuth
 from specdec.serving import Server
 from specdec.stats import Recorder
 from specdec.telemetry import Telemetry
@@ -82,7 +83,7 @@ def stats_to_pb(stats: dict) -> pb.GenerateStats:
 
 class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
     telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
-    # Reliability and security settings (DESIGN.md section 11); serve() sets them from flags.
+    # Reliability and security settings (docs/design.md section 11); serve() sets them from flags.
     backend_tls: ClientTLS | None = None  # TLS/mTLS towards draft and target
     draft_timeout_s = DEFAULT_DRAFT_TIMEOUT_S  # a draft silent this long is given up
     max_prompt_tokens = DEFAULT_MAX_PROMPT_TOKENS
@@ -95,27 +96,55 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         self.timing = Timing()
 
     async def connect(self) -> None:
-        """Open channels and read both models' facts; the draft must share the vocabulary."""
-        self.target_ch = aio_channel(self.target_addr, BACKEND_OPTIONS, self.backend_tls)
-        info = await pearl_pb2_grpc.TargetServiceStub(self.target_ch).GetModelInfo(
-            pb.ModelInfoRequest(), wait_for_ready=True, timeout=600)
+        """Resolve draft and target into pools of replicas (coordinator/replicas.py) and read
+        both models' facts; the draft must share the vocabulary."""
+        self.targets = Pool("target", self.target_addr, BACKEND_OPTIONS, self.backend_tls)
+        info = await self.targets.start()
         self.target_info = info
         self.tokenizer = tokenizer_from(info)
         self.max_positions = info.max_positions
-        self.draft_ch = None
+        self.drafts: Pool | None = None
         if self.draft_addr:
-            self.draft_ch = aio_channel(self.draft_addr, BACKEND_OPTIONS, self.backend_tls)
-            dinfo = await pearl_pb2_grpc.DraftServiceStub(self.draft_ch).GetModelInfo(
-                pb.ModelInfoRequest(), wait_for_ready=True, timeout=600)
+            self.drafts = Pool("draft", self.draft_addr, BACKEND_OPTIONS, self.backend_tls)
+            dinfo = await self.drafts.start()
             if dinfo.tokenizer_json != info.tokenizer_json:
                 raise ValueError(f"draft {dinfo.model} and target {info.model} do not share "
                                  "a tokenizer")
             self.max_positions = min(self.max_positions, dinfo.max_positions)
 
     async def close(self) -> None:
-        for ch in (self.target_ch, self.draft_ch):
-            if ch is not None:
-                await ch.close()
+        for pool in (self.targets, self.drafts):
+            if pool is not None:
+                await pool.close()
+
+    async def open_links(self, uses_draft: bool, events: asyncio.Queue
+                         ) -> tuple[TargetLink, DraftLink | None, str | None]:
+        """The request's streams, each on the replica its pool chose, and why there is no draft
+        link when the mode wants one (the target then runs alone). Raises NoReplica when no
+        target replica takes the session."""
+        want_draft = uses_draft and self.drafts is not None
+        tasks = [asyncio.ensure_future(self.targets.place(TargetLink.open, events))]
+        if want_draft:
+            tasks.append(asyncio.ensure_future(self.drafts.place(DraftLink.open, events)))
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:  # cancelled: no stream may outlive the request
+            for task in tasks:
+                task.cancel()
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    drop(task.result()[1])
+            raise
+        placed = [t.exception() or t.result()[1] for t in tasks]
+        for p in placed:
+            if isinstance(p, BaseException) and not isinstance(p, NoReplica):
+                raise p
+        draft = placed[1] if want_draft and not isinstance(placed[1], NoReplica) else None
+        if isinstance(placed[0], NoReplica):
+            if draft is not None:
+                drop(draft)
+            raise placed[0]
+        down = str(placed[1]) if want_draft and draft is None else None
+        return placed[0], draft, down
 
     def prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
         if req.prompt_ids:
@@ -138,10 +167,10 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         return self.tokenizer.encode(req.prompt)
 
     def plan(self, req: pb.GenerateRequest) -> tuple[str, Plan]:
-        mode = MODES.get(req.mode) if req.mode else ("pearl" if self.draft_ch else "ar")
+        mode = MODES.get(req.mode) if req.mode else ("pearl" if self.drafts else "ar")
         if mode is None:
             raise InvalidRequest(f"mode {req.mode} is not one of {', '.join(MODES.values())}")
-        if mode in WITH_DRAFT and self.draft_ch is None:
+        if mode in WITH_DRAFT and self.drafts is None:
             raise InvalidRequest(f"mode {mode} needs a draft service; this coordinator has none")
         if mode == "hidden-transfer" and not self.target_info.hidden_transfer:
             raise InvalidRequest("mode hidden-transfer needs transfer layers on the target "
@@ -191,12 +220,13 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
             mode, plan = self.plan(request)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        rtrace = request_trace(self.telemetry, context, mode, plan)  # pearl.generate
         events: asyncio.Queue = asyncio.Queue()
-        target = TargetLink.open(self.target_ch, events)
         uses_draft = mode in WITH_DRAFT
-        down = draft_down(self.draft_ch) if uses_draft else None  # skip a draft known dead
-        draft = DraftLink.open(self.draft_ch, events) if uses_draft and not down else None
+        try:  # a replica each (coordinator/replicas.py); without a draft the target runs alone
+            target, draft, down = await self.open_links(uses_draft, events)
+        except NoReplica as e:
+            await context.abort(e.code, str(e))
+        rtrace = request_trace(self.telemetry, context, mode, plan)  # pearl.generate
         eos = [] if request.ignore_eos else list(self.target_info.eos_token_ids)
         out = Output(self.tokenizer, plan.max_new_tokens, eos, list(request.stop))
         rec = Recorder(mode, len(plan.prompt_ids))
