@@ -17,7 +17,11 @@ different HumanEval prompt. Contenders:
 Contenders are interleaved: at each concurrency every contender runs once, in an order rotated
 from one concurrency to the next. Per contender and concurrency: aggregate tok/s (all new tokens
 / the phase's wall time), per-request latency p50/p99, time to first token p50/p99. Output: JSON,
-a chart of throughput against concurrency, a Markdown table and the goals of issue 12.
+a chart of throughput against concurrency, a Markdown table and the goals of issue 12. Each
+service request keeps its engine statistics (queue wait, mean target batch, window history).
+Every greedy request whose tokens differ from ar's on the same prompt (alone, at concurrency 1,
+where the run has that prompt there) is weighed with the target's logit margin at the first
+difference: in bf16 each must be a measured near-tie.
 ``--rss-check`` adds a mixed load (modes, prompt lengths, sampling) of 200 requests and compares
 the services' RSS after the first 20 with the RSS at the end.
 """
@@ -46,6 +50,10 @@ DEFAULT_JSON = "docs/data/bench-load.json"
 DEFAULT_CHART = "docs/bench-load.png"
 TINY_JSON, TINY_CHART = "bench-out/bench-load.json", "bench-out/bench-load.png"  # not over docs/
 CB_PAGE = 64  # tokens per page of transformers' paged cache (hf-cb)
+# GenerateStats fields each service record keeps (queue_wait_s: seconds the request's forward
+# passes waited in the services' engine queues; mean_target_batch: sessions per target step)
+SERVICE_STATS = ("acceptance_rate", "target_forwards", "overlap_ratio", "finish_reason",
+                 "fell_back", "queue_wait_s", "mean_target_batch", "gamma_history")
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -151,10 +159,7 @@ def service_phase(address: str, mode: str, c: int, prompts: list[dict], m: int, 
                 else:
                     stats = part.stats
             out.append(record(mode, c, i, p, ids, start, first, time.perf_counter(),
-                              acceptance_rate=stats.get("acceptance_rate"),
-                              target_forwards=stats.get("target_forwards"),
-                              overlap_ratio=stats.get("overlap_ratio"),
-                              finish_reason=stats.get("finish_reason")))
+                              **{k: stats.get(k) for k in SERVICE_STATS}))
         return out
 
     try:
@@ -335,19 +340,144 @@ def summarize(recs: list[dict]) -> dict:
         s["identical_share"] = sum(same) / len(same)
     if any(r.get("acceptance_rate") for r in recs):
         s["acceptance_rate_mean"] = statistics.mean(r["acceptance_rate"] or 0 for r in recs)
+    for key, name in (("queue_wait_s", "queue_wait_mean_s"),
+                      ("mean_target_batch", "mean_target_batch")):
+        vals = [r[key] for r in recs if r.get(key) is not None]
+        if vals:
+            s[name] = statistics.mean(vals)
     return s
 
 
-def mark_identical(records: list[dict], reference: str | None) -> None:
-    """Greedy tokens against the reference contender's on the same prompt (its first request
-    with that prompt, at any concurrency); None where the reference never ran the prompt."""
-    ref: dict[int, list[int]] = {}
+def references(records: list[dict], reference: str | None) -> dict[int, dict]:
+    """Per prompt, the reference contender's record to compare with: its first request with
+    that prompt at the lowest concurrency that ran it (alone, at concurrency 1, where the run
+    has the prompt there)."""
+    ref: dict[int, dict] = {}
     for r in records:
         if r["contender"] == reference:
-            ref.setdefault(r["prompt"], r["token_ids"])
+            best = ref.get(r["prompt"])
+            if best is None or r["concurrency"] < best["concurrency"]:
+                ref[r["prompt"]] = r
+    return ref
+
+
+def mark_identical(records: list[dict], reference: str | None) -> None:
+    """Greedy tokens (every request of the load phases is greedy) against the reference's on the
+    same prompt (:func:`references`; the reference's own batched requests are compared with it
+    alone too): ``identical`` and ``first_difference``, None where there is nothing to compare
+    with."""
+    from pearl.bench_run import first_difference
+
+    ref = references(records, reference)
     for r in records:
-        r["identical"] = (None if r["prompt"] not in ref or r["contender"] == reference
-                          else r["token_ids"] == ref[r["prompt"]])
+        base = ref.get(r["prompt"])
+        own = base is None or base is r
+        r["identical"] = None if own else r["token_ids"] == base["token_ids"]
+        r["first_difference"] = (None if own else
+                                 first_difference(r["token_ids"], base["token_ids"]))
+
+
+def mark_divergences(records: list[dict], reference: str | None,
+                     prompt_ids: dict[int, list[int]], margin) -> dict:
+    """Where a record's greedy tokens differ from the reference's on its prompt, the target's
+    logit margin at the first difference (``divergence``: ``margin(prompt_ids, common_prefix,
+    reference_token, this_token)``, :func:`pearl.bench_local.margin` in the bench), and a
+    summary: how many records were compared, how many differ, how many of those are near-ties
+    of the dtype. Where one output is a prefix of the other (no differing token to weigh), the
+    divergence has ``near_tie`` None: not a measured near-tie. After :func:`mark_identical`."""
+    ref = references(records, reference)
+    compared = alone = 0
+    for r in records:
+        base = ref.get(r["prompt"])
+        if base is None or base is r:
+            continue
+        compared += 1
+        alone += base["concurrency"] == 1
+        d = r.get("first_difference")
+        if d is None:
+            continue
+        mine, theirs = r["token_ids"], base["token_ids"]
+        where = {"position": d, "reference": reference,
+                 "reference_concurrency": base["concurrency"]}
+        if d < min(len(mine), len(theirs)):
+            where.update(margin(prompt_ids[r["prompt"]], mine[:d], theirs[d], mine[d]))
+        else:
+            where.update(near_tie=None, margin=None, noise=None,
+                         note=f"one output is a prefix of the other ({len(mine)} vs "
+                              f"{len(theirs)} tokens)")
+        r["divergence"] = where
+    div = [r["divergence"] for r in records if r.get("divergence")]
+    return {"reference": reference, "compared": compared, "against_alone": alone,
+            "divergences": len(div), "near_ties": sum(v["near_tie"] is True for v in div)}
+
+
+def divergence_text(records: list[dict], summary: dict) -> str:
+    """Every divergence; loudly the ones that are not near-ties."""
+    ref = summary["reference"]
+    if not summary["compared"]:
+        return f"\ndivergences: nothing compared (needs {ref or 'ar'} and another contender)"
+    lines = [f"\ndivergences from {ref}'s greedy tokens on the same prompt ("
+             f"{summary['compared']} requests compared, {summary['against_alone']} with {ref} "
+             f"alone at concurrency 1, the rest with {ref} at the lowest concurrency that ran "
+             f"the prompt): {summary['divergences']} differ, {summary['near_ties']} near-ties "
+             "(the target's logits at the first difference over the common prefix, in this "
+             "process; near-tie: margin within twice the noise between a full pass and a "
+             "KV-cached step there, or two ulp)"]
+    loud = []
+    for r in records:
+        v = r.get("divergence")
+        if not v:
+            continue
+        where = (f"{r['contender']} x{r['concurrency']} prompt {r['prompt']} new token "
+                 f"{v['position']} (vs {ref} at concurrency {v['reference_concurrency']})")
+        if v["near_tie"] is None:
+            what = v["note"]
+        else:
+            what = (f"{ref} {v['reference_id']} logit {v['reference_logit']:.4f}, this "
+                    f"{v['other_id']} logit {v['other_logit']:.4f}, margin {v['margin']:.4f}, "
+                    f"noise {v['noise']:.4f}, ulp {v['ulp']:.4f}")
+        tie = v["near_tie"] is True
+        lines.append(f"  {where}: {what}: {'near-tie' if tie else 'NOT a near-tie'}")
+        if not tie:
+            loud.append(f"!!! {where}: {what}")
+    if loud:
+        bar = "!" * 100
+        lines += [bar, f"!!! {len(loud)} divergence(s) NOT a near-tie: the tokens differ where "
+                       "the target's choice is clear, not by rounding", *loud, bar]
+    return "\n".join(lines)
+
+
+def divergence_goal(summary: dict, dtype: str) -> dict:
+    """Every greedy divergence from the reference is a measured near-tie."""
+    name = f"{'bf16' if dtype == 'bfloat16' else dtype} divergences are near-ties"
+    n, ties, ref = summary["divergences"], summary["near_ties"], summary["reference"]
+    if not summary["compared"]:
+        return {"goal": name, "value": None, "target": 0, "at_most": True, "met": None,
+                "figures": f"needs {ref or 'ar'} and another contender", "unit": "count"}
+    return {"goal": name, "value": n - ties, "target": 0, "at_most": True, "met": n == ties,
+            "figures": f"{n} of {summary['compared']} greedy requests differ from {ref}'s "
+                       f"tokens, {ties} of them near-ties", "unit": "count"}
+
+
+class Margins:
+    """The target's logit margin at a divergence (:func:`pearl.bench_local.margin`), with the
+    target in this process: the one the bench already holds, else loaded on the first call, on
+    the services' device and dtype."""
+
+    def __init__(self, held, name: str, device: str, dtype: str):
+        self.target = held if getattr(held, "model", None) is not None else None
+        self.name, self.device, self.dtype = name, device, dtype
+
+    def __call__(self, prompt_ids: list[int], prefix: list[int], reference_id: int,
+                 other_id: int) -> dict:
+        from pearl.bench_local import margin
+        from specdec.models import load_model
+
+        if self.target is None:
+            print(f"loading {self.name} ({self.dtype}) in this process to weigh divergences ...",
+                  flush=True)
+            self.target = load_model(self.name, self.device, self.dtype)
+        return margin(self.target, prompt_ids, prefix, reference_id, other_id)
 
 
 # -- goals ----------------------------------------------------------------------------------------
@@ -404,6 +534,10 @@ def goals_text(gs: list[dict], command: str) -> str:
         op = "<=" if g["at_most"] else ">="
         if g["met"] is None:
             lines.append(f"  {g['goal']}: not measured ({g['figures']})")
+            continue
+        if g.get("unit") == "count":
+            lines.append(f"  {g['goal']}: {g['figures']} (goal: every divergence a near-tie):"
+                         f" {'met' if g['met'] else 'NOT met'}")
             continue
         value = f"{100 * g['value']:+.1f}%" if "RSS" in g["goal"] else f"{g['value']:.2f}x"
         target = f"{100 * g['target']:.0f}%" if "RSS" in g["goal"] else f"{g['target']}x"
@@ -552,7 +686,9 @@ def detail(phases: dict) -> str:
             ("wall s", "wall_s", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.2f}"),
             ("p50 lat s", "latency_p50_s", "{:.2f}"), ("p99 lat s", "latency_p99_s", "{:.2f}"),
             ("TTFT p50 s", "ttft_p50_s", "{:.2f}"), ("TTFT p99 s", "ttft_p99_s", "{:.2f}"),
-            ("identical", "identical_share", "{:.2f}")]
+            ("identical", "identical_share", "{:.2f}"),
+            ("tgt batch", "mean_target_batch", "{:.2f}"),
+            ("queue wait s", "queue_wait_mean_s", "{:.3f}")]
     rows = [{"contender": n, "concurrency": c, **s} for n, by_c in phases.items()
             for c, s in by_c.items()]
     return table(rows, cols)
@@ -728,18 +864,27 @@ def bench_load(a) -> int:
     reference = next((c for c in ("ar", "hf-padded-1t", "hf-padded-all") if c in contenders),
                      None)
     mark_identical(records, reference)
+    weigh = Margins(target, a.target_model, a.device, dtype)
+    divergences = mark_divergences(records, reference, {p["index"]: p["ids"] for p in prompts},
+                                   weigh)
     for name in contenders:
         for c in concurrency:
             recs = [r for r in records if r["contender"] == name and r["concurrency"] == c]
             if recs:
                 phases.setdefault(name, {})[c] = summarize(recs)
     gs = goals(phases, concurrency, rss)
+    if concurrency:
+        gs.append(divergence_goal(divergences, dtype))
     table_md = markdown(phases, concurrency) if concurrency else ""
     print()
     if concurrency:
         print(detail(phases))
         print(f"\n(identical: share of greedy requests whose tokens equal {reference}'s on the "
-              "same prompt)\n")
+              "same prompt, alone where it ran alone; tgt batch: mean sessions per target engine "
+              "step of a request's forwards; queue wait s: mean seconds a request's forwards "
+              "waited in the services' engine queues)")
+        print(divergence_text(records, divergences))
+        print()
         print(table_md)
     if rss:
         print("\nRSS MB after the first {first} / at the end: ".format(**rss) + ", ".join(
@@ -758,7 +903,8 @@ def bench_load(a) -> int:
                    "tiny": a.tiny, "cpus": ALL_CPUS, "hardware_split": split,
                    "reference": reference, "serve_args": a.serve_args},
         "phases": {n: {str(c): s for c, s in by_c.items()} for n, by_c in phases.items()},
-        "goals": gs, "kv_bytes_per_token": kv, "rss": rss, "table_md": table_md,
+        "goals": gs, "divergences": divergences, "kv_bytes_per_token": kv, "rss": rss,
+        "table_md": table_md,
         "records": records, "elapsed_s": elapsed,
     }
     out = Path(a.json or (TINY_JSON if a.tiny else DEFAULT_JSON))

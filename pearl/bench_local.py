@@ -145,34 +145,39 @@ class Local:
 
     def margin(self, prompt_ids: list[int], prefix: list[int], reference_id: int,
                other_id: int) -> dict:
-        """The target's logits of two candidate tokens after ``prompt_ids + prefix`` (in this
-        process, the dtype of the run), and whether their gap is within the rounding noise of the
-        dtype: a near-tie, where another order of the same arithmetic (a KV-cached pass, another
-        window length) may pick either.
+        """The target's logit margin at a differing position: :func:`margin`."""
+        return margin(self.target, prompt_ids, prefix, reference_id, other_id)
 
-        The noise is measured at the same position: the largest difference, over the 20 most
-        likely tokens, between the logits of one pass over the whole sequence and of a pass that
-        feeds the last token alone on top of a KV cache (the two paths the services take). A gap
-        within twice that noise (or two units in the last place of the top logit) is a near-tie.
-        """
-        from transformers import DynamicCache
 
-        seq = prompt_ids + prefix
-        x = torch.tensor([seq], device=self.device)
-        with torch.inference_mode():
-            full = self.target.model(x, logits_to_keep=1).logits[0, -1].float()
-            cache = DynamicCache(config=self.target.model.config)
-            self.target.model(x[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            step = self.target.model(x[:, -1:], past_key_values=cache,
-                                     use_cache=True).logits[0, -1].float()
-        top = full.topk(20).indices
-        noise = float((full[top] - step[top]).abs().max())
-        ref, other = float(full[reference_id]), float(full[other_id])
-        biggest = max(abs(ref), abs(other), 1e-30)
-        dtype = self.target.model.dtype
-        mantissa = {torch.bfloat16: 7, torch.float16: 10}.get(dtype, 23)
-        ulp = 2.0 ** (math.floor(math.log2(biggest)) - mantissa)
-        return {"reference_id": reference_id, "other_id": other_id, "reference_logit": ref,
-                "other_logit": other, "margin": ref - other, "ulp": ulp, "noise": noise,
-                "cached_margin": float(step[reference_id] - step[other_id]),
-                "near_tie": abs(ref - other) <= max(2 * ulp, 2 * noise), "dtype": str(dtype)}
+def margin(target: LoadedModel, prompt_ids: list[int], prefix: list[int], reference_id: int,
+           other_id: int) -> dict:
+    """The target's logits of two candidate tokens after ``prompt_ids + prefix`` (in this
+    process, the dtype of the run), and whether their gap is within the rounding noise of the
+    dtype: a near-tie, where another order of the same arithmetic (a KV-cached pass, another
+    window length) may pick either.
+
+    The noise is measured at the same position: the largest difference, over the 20 most
+    likely tokens, between the logits of one pass over the whole sequence and of a pass that
+    feeds the last token alone on top of a KV cache (the two paths the services take). A gap
+    within twice that noise (or two units in the last place of the top logit) is a near-tie.
+    """
+    from transformers import DynamicCache
+
+    seq = prompt_ids + prefix
+    x = torch.tensor([seq], device=target.device)
+    with torch.inference_mode():
+        full = target.model(x, logits_to_keep=1).logits[0, -1].float()
+        cache = DynamicCache(config=target.model.config)
+        target.model(x[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        step = target.model(x[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1].float()
+    top = full.topk(20).indices
+    noise = float((full[top] - step[top]).abs().max())
+    ref, other = float(full[reference_id]), float(full[other_id])
+    biggest = max(abs(ref), abs(other), 1e-30)
+    dtype = target.model.dtype
+    mantissa = {torch.bfloat16: 7, torch.float16: 10}.get(dtype, 23)
+    ulp = 2.0 ** (math.floor(math.log2(biggest)) - mantissa)
+    return {"reference_id": reference_id, "other_id": other_id, "reference_logit": ref,
+            "other_logit": other, "margin": ref - other, "ulp": ulp, "noise": noise,
+            "cached_margin": float(step[reference_id] - step[other_id]),
+            "near_tie": abs(ref - other) <= max(2 * ulp, 2 * noise), "dtype": str(dtype)}

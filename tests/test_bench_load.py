@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pearl.bench_load import DEFAULTS, goals, kv_from_config
+from pearl.bench_load import (DEFAULTS, Margins, divergence_goal, divergence_text, goals,
+                              goals_text, kv_from_config, mark_divergences, mark_identical)
 
 GOAL_NAMES = ["pearl at 4 concurrent / pearl one at a time",
               "pearl at 8 concurrent / pearl one at a time",
@@ -44,6 +45,29 @@ def test_load_bench_tiny_run(tmp_path):
     assert res["config"]["reference"] == "ar"
     assert res["phases"]["pearl"]["2"]["identical_share"] == 1.0
     assert res["phases"]["hf-padded-1t"]["2"]["identical_share"] == 1.0
+    # engine statistics of every service request (GenerateStats), in the records and the table
+    for r in res["records"]:
+        if r["contender"] in ("ar", "pearl"):
+            assert r["queue_wait_s"] >= 0 and r["mean_target_batch"] >= 1, r
+            assert r["contender"] == "ar" or r["gamma_history"], r
+        else:
+            assert "queue_wait_s" not in r and "mean_target_batch" not in r, r
+    for name in ("ar", "pearl"):
+        for s in res["phases"][name].values():
+            assert s["mean_target_batch"] >= 1 and s["queue_wait_mean_s"] >= 0
+    head = next(x for x in proc.stdout.splitlines() if x.startswith("| contender    | c "))
+    assert "| tgt batch |" in head and "| queue wait s |" in head
+    # divergences from ar alone: compared, none in float32, the goal line met
+    div = res["divergences"]
+    assert div["reference"] == "ar" and div["divergences"] == 0
+    # all but ar's references: prompts 0 and 1 alone, 2 and 3 at concurrency 2 (its lowest)
+    assert div["compared"] == len(res["records"]) - 4
+    assert div["against_alone"] == 10  # prompts 0 and 1 in the other 5 phases
+    assert not any(r.get("divergence") for r in res["records"])
+    goal = next(g for g in res["goals"] if g["goal"] == "float32 divergences are near-ties")
+    assert goal["met"] is True
+    assert re.search(r"float32 divergences are near-ties: 0 of \d+ greedy .*: met$",
+                     proc.stdout, re.M)
     # the requests of a phase overlap in time, each has its own prompt
     two = [r for r in res["records"] if r["contender"] == "pearl" and r["concurrency"] == 2]
     assert len({r["prompt"] for r in two}) == 4
@@ -120,3 +144,68 @@ def test_concurrency_sends_bench_to_the_load_bench(monkeypatch):
     assert e.value.code == 0
     assert seen["load"].max_new_tokens == DEFAULTS["max_new_tokens"]
     assert seen["load"].contenders == DEFAULTS["contenders"]
+
+
+def test_divergences_weighed_with_the_target():
+    """A record whose tokens differ from ar's alone gets the target's margin at the first
+    difference; a token the target does not prefer is NOT a near-tie, loudly; the goal fails."""
+    import torch
+
+    from specdec.models import tiny_loaded
+
+    target = tiny_loaded(2)
+    prompt = [5, 9, 2, 7, 3, 11, 4]
+    with torch.inference_mode():
+        out = target.model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                                    pad_token_id=0)
+    greedy = out[0, len(prompt):].tolist()
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([prompt + greedy[:2]])).logits[0, -1]
+    worst = int(logits.argmin())  # the target's least likely token after the common prefix
+    assert worst != greedy[2]
+    off = greedy[:2] + [worst] + greedy[3:]
+
+    def rec(contender, c, tokens, prompt_index=0):
+        return {"contender": contender, "concurrency": c, "prompt": prompt_index,
+                "token_ids": tokens}
+
+    records = [rec("pearl", 2, greedy), rec("ar", 2, greedy),  # batched before alone: still ar
+               rec("ar", 1, greedy), rec("hf-padded-1t", 2, off), rec("pearl", 4, greedy[:3]),
+               rec("sd", 2, off, prompt_index=1)]  # no reference for prompt 1
+    mark_identical(records, "ar")
+    summary = mark_divergences(records, "ar", {0: prompt, 1: prompt},
+                               Margins(target, "unused", "cpu", "float32"))
+    assert summary == {"reference": "ar", "compared": 4, "against_alone": 4, "divergences": 2,
+                       "near_ties": 0}
+    assert [r["identical"] for r in records] == [True, True, None, False, False, None]
+    v = records[3]["divergence"]
+    assert (v["position"], v["reference_id"], v["other_id"]) == (2, greedy[2], worst)
+    assert v["reference_concurrency"] == 1 and v["near_tie"] is False
+    assert v["margin"] == pytest.approx(float(logits[greedy[2]] - logits[worst]), rel=1e-4)
+    assert v["margin"] > 2 * v["noise"]
+    short = records[4]["divergence"]  # a prefix of ar's tokens: nothing to weigh, not a tie
+    assert short["position"] == 3 and short["near_tie"] is None
+    assert all("divergence" not in r for r in records[:3] + records[5:])
+    text = divergence_text(records, summary)
+    assert "hf-padded-1t x2 prompt 0 new token 2" in text and "!!! 2 divergence(s)" in text
+    goal = divergence_goal(summary, "bfloat16")
+    assert goal["goal"] == "bf16 divergences are near-ties" and goal["met"] is False
+    assert goals_text([goal], "cmd").splitlines()[-1].endswith(": NOT met")
+
+    # a margin the check calls a near-tie: reported, not loud, and the goal is met
+    calls = []
+
+    def tie(*args):
+        calls.append(args)
+        return {"near_tie": True, "reference_id": args[2], "other_id": args[3], "margin": 0.0,
+                "reference_logit": 1.0, "other_logit": 1.0, "noise": 0.01, "ulp": 0.01}
+
+    records = [rec("ar", 1, greedy), rec("sd", 8, off)]
+    mark_identical(records, "ar")
+    summary = mark_divergences(records, "ar", {0: prompt}, tie)
+    assert calls == [(prompt, greedy[:2], greedy[2], worst)]
+    assert summary["divergences"] == summary["near_ties"] == 1
+    assert "!!!" not in divergence_text(records, summary)
+    assert divergence_goal(summary, "bfloat16")["met"] is True
+    assert divergence_goal({"reference": None, "compared": 0, "divergences": 0,
+                            "near_ties": 0}, "bfloat16")["met"] is None
