@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import greedy_reference
+from conftest import greedy_reference, until_recovered
 from pearl.client import Client, Result
 from pearl.procs import running
 
@@ -132,7 +132,7 @@ def test_sigterm_drains_draft_and_target_and_grace_ends_a_long_request(folders, 
                               "--port", str(port), "--grace", "1"])
         svcs.wait("target", 300)
         with Client(addr["coordinator"], timeout_s=300) as c:
-            c.complete(PROMPT, mode="ar", max_new_tokens=4)  # the coordinator reconnected
+            until_recovered(lambda: c.complete(PROMPT, mode="ar", max_new_tokens=4), 30, 0.5)
             parts = c.generate(PROMPT, mode="ar", max_new_tokens=LONG, ignore_eos=True)
             next(parts)
             proc = svcs.all["target"].proc
