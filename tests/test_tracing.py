@@ -259,7 +259,9 @@ def test_pearl_trace_draws_the_request_and_matches_its_statistics(traced, tmp_pa
         # up to ~2.5% of the wall time (across real processes on the real pair: ~0.3%).
         tol = 0.05 * s["wall_s"] + 0.002
         assert got["mode"] == mode and got["trace_id"] == req["trace_id"]
-        assert got["wall_s"] == pytest.approx(s["wall_s"], abs=0.002)
+        # the request span opens just before the statistics start and closes just after they
+        # are written: it covers their wall time and exceeds it by set-up and write-up only
+        assert s["wall_s"] <= got["wall_s"] <= s["wall_s"] * 1.01 + 0.02
         for k in ("both_busy_s", "target_idle_s", "draft_idle_s"):
             assert got[k] == pytest.approx(s[k], abs=tol), k
         assert got["overlap_ratio"] == pytest.approx(s["overlap_ratio"], abs=0.05)
