@@ -19,7 +19,8 @@ from specdec.engine import (
 )
 from specdec.kv import Aborted
 from specdec.kv_store import StoreFull
-from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, idle_get
+from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS
+from specdec.limits import idle_get
 from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
 from specdec.telemetry import Telemetry

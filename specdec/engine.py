@@ -31,7 +31,7 @@ import torch
 
 from specdec import batch_forward
 from specdec.batch_forward import Pseudo, Row
-from specdec.kv import Aborted, CachedSequence, Forward
+from specdec.kv import Aborted, CachedSequence, Forward, TokenIds
 from specdec.kv_store import KVStore, Slots, StoreFull
 
 log = logging.getLogger("pearl.engine")
@@ -271,7 +271,7 @@ class Engine:
             w.future.set_exception(e)
 
 
-class Sequence:
+class Sequence(TokenIds):
     """Token ids plus their slots in the engine's KV store (the CachedSequence interface).
 
     ``ids[:cached]`` have their K/V in the store; ``forward`` feeds the rest. ``truncate`` is a
@@ -291,17 +291,9 @@ class Sequence:
     def cached(self) -> int:
         return self.slots.cached
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def extend(self, ids: list[int]) -> None:
-        self.ids.extend(ids)
-
     def truncate(self, n: int) -> None:
-        """Keep the first ``n`` tokens; the store keeps at most their K/V."""
-        if n < 0 or n > len(self.ids):
-            raise ValueError(f"cannot truncate a sequence of {len(self.ids)} tokens to {n}")
-        del self.ids[n:]
+        """Keep the first ``n`` tokens; the store keeps at most their K/V (a length change)."""
+        self._cut(n)
         self.slots.cached = min(self.slots.cached, n)
 
     def start_of(self, w: Work) -> int:

@@ -70,8 +70,26 @@ class Forward:
     queue_ns: int = 0  # time spent waiting for a step
 
 
-class CachedSequence:
-    """Token ids plus a KV cache over ``ids[:cached]``.
+class TokenIds:
+    """A session's token ids; a subclass keeps the K/V of ``ids[:cached]`` in step with them."""
+
+    ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extend(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+
+    def _cut(self, n: int) -> None:
+        """Keep the first ``n`` ids (the subclass then cuts its cache to match)."""
+        if n < 0 or n > len(self.ids):
+            raise ValueError(f"cannot truncate a sequence of {len(self.ids)} tokens to {n}")
+        del self.ids[n:]
+
+
+class CachedSequence(TokenIds):
+    """Token ids plus a KV cache over ``ids[:cached]`` (transformers' DynamicCache).
 
     ``truncate`` rolls both back; ``forward`` feeds the uncached tail. The cache never holds a
     token that is not in ``ids``, so a rolled-back sequence computes exactly what a fresh one would.
@@ -84,17 +102,9 @@ class CachedSequence:
         self.cache = DynamicCache(config=model.config)
         self.cached = 0
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def extend(self, ids: list[int]) -> None:
-        self.ids.extend(ids)
-
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens; crop the KV cache to match."""
-        if n < 0 or n > len(self.ids):
-            raise ValueError(f"cannot truncate a sequence of {len(self.ids)} tokens to {n}")
-        del self.ids[n:]
+        self._cut(n)
         if self.cached > n:
             self.cache.crop(n - self.cached)  # transformers 5: a negative count removes tokens
             self.cached = n

@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS  # noqa: F401 (re-exported)
-
 ACCEPTED_KEY = "pearl-session"  # initial metadata of a session that passed the guard
 
 

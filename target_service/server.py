@@ -5,7 +5,7 @@ import logging
 import grpc
 
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
-from specdec.defaults import DEFAULT_TREE_NODES
+from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, DEFAULT_TREE_NODES
 from specdec.engine import (
     DEFAULT_KV_CACHE_TOKENS,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -14,7 +14,7 @@ from specdec.engine import (
     describe_engine,
 )
 from specdec.kv_store import StoreFull
-from specdec.limits import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, idle_limited
+from specdec.limits import idle_limited
 from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
 from specdec.telemetry import Telemetry

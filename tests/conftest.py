@@ -5,6 +5,7 @@ import time
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -48,3 +49,13 @@ def until_recovered(call, within_s: float, pause_s: float = 0.3):
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() < deadline, "no recovery after the service came back"
             time.sleep(pause_s)
+
+
+def health(address: str) -> int | None:
+    """The health status ``address`` answers now, or None when it does not answer."""
+    try:
+        with grpc.insecure_channel(address) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=2).status
+    except grpc.RpcError:
+        return None

@@ -9,9 +9,9 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from conftest import until_recovered
+from conftest import health, until_recovered
 from pearl.client import Client, Delta, Result
 from pearl.procs import running
 from specdec import model_store
@@ -24,15 +24,6 @@ N = 48
 FLAGS = ["--dtype", "float32", "--threads", "1"]
 
 pytestmark = pytest.mark.slow  # three processes start and restart: ~50 s on two cores
-
-
-def health(address: str) -> int | None:
-    try:
-        with grpc.insecure_channel(address) as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                        timeout=2).status
-    except grpc.RpcError:
-        return None
 
 
 @pytest.fixture(scope="module")

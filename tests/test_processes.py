@@ -12,10 +12,10 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import greedy_reference, until_recovered
+from conftest import greedy_reference, health, until_recovered
 from pearl.client import Client, Result
 from pearl.procs import running
 
@@ -36,15 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def health(address: str) -> int | None:
-    try:
-        with grpc.insecure_channel(address) as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                        timeout=2).status
-    except grpc.RpcError:
-        return None
 
 
 @pytest.fixture(scope="module")
