@@ -116,56 +116,23 @@ def forward(model: torch.nn.Module, store: KVStore, rows: list[Row],
     Each row's K/V are written to its slots P.. (its ``slots.cached`` stays as it was: the caller
     commits the length). Rows whose abort event is set leave at the next decoder layer.
     """
-    m, cfg = model.model, model.config
-    dev = store.device
-    ids = torch.tensor([t for r in rows for t in r.tokens], device=dev)
-    pos = torch.tensor([p for r in rows for p in r.positions()], device=dev)
+    m, dev = model.model, store.device
     for r in rows:
         r._grown = False
         extra = len(r.pseudo.under) * r.pseudo.k if r.pseudo else 0
         store.reserve(r.slots, r.slots.cached + len(r.tokens) + extra)
+    ids = torch.tensor([t for r in rows for t in r.tokens], device=dev)
+    pos = torch.tensor([p for r in rows for p in r.positions()], device=dev)
     b = _Batch(rows, m.embed_tokens(ids), pos)
-    heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     pseudo_layer = next((r.pseudo.transfer.layer for r in rows if r.pseudo), None)
     mask_of = {id(r): _mask(r, dev) for r in rows}
     for li, layer in enumerate(m.layers):
-        gone = [i for i, r in enumerate(b.rows) if r.abort is not None and r.abort.is_set()]
-        if gone:
-            for i in gone:
-                b.rows[i].aborted = True
-            if len(gone) == len(b.rows):
-                return
-            b = b.select([i for i in range(len(b.rows)) if i not in gone])
+        b = _without_aborted(b)
+        if b is None:
+            return
         if li == pseudo_layer:
             b = _grow(b, mask_of)
-        cos, sin = m.rotary_emb(b.h[None], b.pos[None])
-        cos, sin = cos[0], sin[0]
-        at = layer.self_attn
-        T = b.h.shape[0]
-        if dense is not None:
-            q, k, v = dense.into_attention(li, b.h, cos, sin)
-        else:
-            x = layer.input_layernorm(b.h)
-            q = _rope(at.q_proj(x).view(T, heads, hd), cos, sin)
-            k = _rope(at.k_proj(x).view(T, kvh, hd), cos, sin)
-            v = at.v_proj(x).view(T, kvh, hd)
-        outs = []
-        for r, (a, e) in zip(b.rows, b.spans):
-            P = r.slots.cached
-            store.write(li, r.slots, P, k[a:e], v[a:e])
-            K, V = store.read(li, r.slots, P + e - a)
-            mk = mask_of[id(r)]
-            o = F.scaled_dot_product_attention(
-                q[a:e].transpose(0, 1)[None], K[None], V[None],
-                attn_mask=None if mk is None else mk[None, None], enable_gqa=kvh != heads,
-                scale=at.scaling)
-            outs.append(o[0].transpose(0, 1).reshape(e - a, heads * hd))
-        if dense is not None:
-            b.h = dense.out_of_attention(li, b.h, torch.cat(outs))
-        else:
-            h = b.h + at.o_proj(torch.cat(outs))
-            b.h = h + layer.mlp(layer.post_attention_layernorm(h))
+        b.h = _layer(model, li, b, store, mask_of, dense)
     h = m.norm(b.h)
     idx = torch.tensor([a + i for r, (a, _) in zip(b.rows, b.spans) for i in r.keep],
                        dtype=torch.long, device=dev)
@@ -174,6 +141,50 @@ def forward(model: torch.nn.Module, store: KVStore, rows: list[Row],
     for r in b.rows:
         r.out = logits[n : n + len(r.keep)]
         n += len(r.keep)
+
+
+def _without_aborted(b: _Batch) -> _Batch | None:
+    """The batch less the rows whose abort is set (marked ``aborted``); None when none is left."""
+    gone = [i for i, r in enumerate(b.rows) if r.abort is not None and r.abort.is_set()]
+    if not gone:
+        return b
+    for i in gone:
+        b.rows[i].aborted = True
+    if len(gone) == len(b.rows):
+        return None
+    return b.select([i for i in range(len(b.rows)) if i not in gone])
+
+
+def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict,
+           dense: "Dense | None") -> torch.Tensor:
+    """Decoder layer ``li`` over the batch: the new hidden states [T, hidden]."""
+    cfg, layer = model.config, model.model.layers[li]
+    heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    cos, sin = (t[0] for t in model.model.rotary_emb(b.h[None], b.pos[None]))
+    at, T = layer.self_attn, b.h.shape[0]
+    if dense is not None:
+        q, k, v = dense.into_attention(li, b.h, cos, sin)
+    else:
+        x = layer.input_layernorm(b.h)
+        q = _rope(at.q_proj(x).view(T, heads, hd), cos, sin)
+        k = _rope(at.k_proj(x).view(T, kvh, hd), cos, sin)
+        v = at.v_proj(x).view(T, kvh, hd)
+    outs = []
+    for r, (a, e) in zip(b.rows, b.spans):  # attention per row, against its own pages only
+        P = r.slots.cached
+        store.write(li, r.slots, P, k[a:e], v[a:e])
+        K, V = store.read(li, r.slots, P + e - a)
+        mk = mask_of[id(r)]
+        o = F.scaled_dot_product_attention(  # [1, heads, n, hd]
+            q[a:e].transpose(0, 1)[None], K[None], V[None],
+            attn_mask=None if mk is None else mk[None, None], enable_gqa=kvh != heads,
+            scale=at.scaling)
+        outs.append(o[0].transpose(0, 1).reshape(e - a, heads * hd))
+    if dense is not None:
+        return dense.out_of_attention(li, b.h, torch.cat(outs))
+    h = b.h + at.o_proj(torch.cat(outs))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def _mask(r: Row, dev: torch.device) -> torch.Tensor | None:

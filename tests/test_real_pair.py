@@ -72,6 +72,29 @@ def test_real_pair_is_lossless(services, references, mode):
                 assert r.stats["overlap_ratio"] > 0.1 and r.stats["both_busy_s"] > 0
 
 
+def test_real_pair_batched_equals_alone(services, references):
+    """Eight requests at once (all four modes on both prompts) through the batching engine:
+    every one gives the target's own float32 greedy tokens, as it does alone, and the target's
+    engine did batch them (docs/design.md section 12)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts, refs = references
+    jobs = [(m, i) for m in ("ar", "sd", "pearl", "hidden-transfer") for i in range(len(prompts))]
+
+    def run(job):
+        mode, i = job
+        with Client(services.coordinator) as c:
+            return c.complete(prompts[i], mode=mode, max_new_tokens=N,
+                              gamma=3 if mode == "sd" else 0)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    for (mode, i), r in zip(jobs, results):
+        assert r.token_ids == refs[i][: len(r.token_ids)], f"{mode} on prompt {i}, batched"
+        assert len(r.token_ids) == N or r.stats["finish_reason"] == "eos"
+    assert max(r.stats["mean_target_batch"] for r in results) > 1.5, "nothing was batched"
+
+
 def test_generate_cli_json(services, references):
     prompts, refs = references
     out = subprocess.run(
