@@ -39,6 +39,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from pearl.bench import DEFAULT_MODELS, SERVICE, load_prompts, pct, rss_mb, untrained
@@ -193,6 +195,24 @@ class HFTarget:
 
         return ALL_CPUS[-1:] if contender.endswith("-1t") else ALL_CPUS
 
+    @staticmethod
+    @contextmanager
+    def pinned(contender: str):
+        """This thread (and the threads it starts) on the contender's CPUs, torch on as many
+        threads; all CPUs again afterwards."""
+        import torch
+
+        from pearl.bench_local import ALL_CPUS, pin
+
+        cpus = HFTarget.threads(contender)
+        pin(cpus)
+        torch.set_num_threads(len(cpus))
+        try:
+            yield
+        finally:
+            pin(ALL_CPUS)
+            torch.set_num_threads(len(ALL_CPUS))
+
     def cut(self, row: list[int]) -> list[int]:
         """New tokens up to and including the first end-of-sequence token."""
         for i, t in enumerate(row):
@@ -202,10 +222,26 @@ class HFTarget:
 
     def padded_phase(self, contender: str, c: int, prompts: list[dict], m: int, per_client: int,
                      duration: float | None) -> list[dict]:
+        per = per_client if duration is None else 10**9  # with a duration: rounds until then
+        out = []
+        with self.pinned(contender):
+            plans = [plan(c, i, len(prompts), per, None) for i in range(c)]
+            deadline = None if duration is None else time.perf_counter() + duration
+            while deadline is None or time.perf_counter() < deadline:
+                batch = [(i, prompts[k]) for i, pl in enumerate(plans) for k in
+                         (next(pl, None),) if k is not None]
+                if not batch:
+                    break
+                out += self.padded_round(contender, c, batch, m)
+        return out
+
+    def padded_round(self, contender: str, c: int, batch: list[tuple[int, dict]],
+                     m: int) -> list[dict]:
+        """One ``generate`` of the batch's prompts, left-padded to the longest."""
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        from pearl.bench_local import ALL_CPUS, pin, sync
+        from pearl.bench_local import sync
 
         class FirstStep(LogitsProcessor):  # called once per step, the first right after prefill
             first: float | None = None
@@ -215,48 +251,27 @@ class HFTarget:
                     self.first = time.perf_counter()
                 return scores
 
-        cpus = self.threads(contender)
-        pin(cpus)
-        torch.set_num_threads(len(cpus))
-        per = per_client if duration is None else 10**9  # with a duration: rounds until then
-        plans = [plan(c, i, len(prompts), per, None) for i in range(c)]
-        deadline = None if duration is None else time.perf_counter() + duration
-        out = []
-        try:
-            while deadline is None or time.perf_counter() < deadline:
-                batch = [(i, prompts[k]) for i, pl in enumerate(plans) for k in
-                         (next(pl, None),) if k is not None]
-                if not batch:
-                    break
-                width = max(len(p["ids"]) for _, p in batch)
-                ids = torch.tensor([[self.pad] * (width - len(p["ids"])) + p["ids"]
-                                    for _, p in batch], device=self.loaded.device)
-                mask = torch.tensor([[0] * (width - len(p["ids"])) + [1] * len(p["ids"])
-                                     for _, p in batch], device=self.loaded.device)
-                step = FirstStep()
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    gen = self.model.generate(ids, attention_mask=mask, max_new_tokens=m,
-                                              do_sample=False, pad_token_id=self.pad,
-                                              logits_processor=LogitsProcessorList([step]))
-                sync(self.model)
-                end = time.perf_counter()
-                for row, (i, p) in zip(gen[:, width:].tolist(), batch):
-                    out.append(record(contender, c, i, p, self.cut(row), start, step.first, end,
-                                      batch_size=len(batch)))
-        finally:
-            pin(ALL_CPUS)
-            torch.set_num_threads(len(ALL_CPUS))
-        return out
+        width = max(len(p["ids"]) for _, p in batch)
+        ids = torch.tensor([[self.pad] * (width - len(p["ids"])) + p["ids"]
+                            for _, p in batch], device=self.loaded.device)
+        mask = torch.tensor([[0] * (width - len(p["ids"])) + [1] * len(p["ids"])
+                             for _, p in batch], device=self.loaded.device)
+        step = FirstStep()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            gen = self.model.generate(ids, attention_mask=mask, max_new_tokens=m,
+                                      do_sample=False, pad_token_id=self.pad,
+                                      logits_processor=LogitsProcessorList([step]))
+        sync(self.model)
+        end = time.perf_counter()
+        return [record(contender, c, i, p, self.cut(row), start, step.first, end,
+                       batch_size=len(batch))
+                for row, (i, p) in zip(gen[:, width:].tolist(), batch)]
 
-    def cb_phase(self, contender: str, c: int, prompts: list[dict], m: int, per_client: int,
-                 duration: float | None) -> list[dict]:
-        """Continuous batching: a paged KV cache sized for c requests (sized by hand: left to
-        itself on a CPU it takes 60 % of the RAM), chunked prefill under a token budget."""
-        import torch
+    def cb_configs(self, c: int, prompts: list[dict], m: int):
+        """The paged cache sized for c requests (sized by hand: left to itself on a CPU it takes
+        60 % of the RAM), chunked prefill under a token budget; greedy generation."""
         from transformers import ContinuousBatchingConfig, GenerationConfig
-
-        from pearl.bench_local import ALL_CPUS, pin
 
         longest = max(len(p["ids"]) for p in prompts) + m
         cfg = ContinuousBatchingConfig(
@@ -265,58 +280,76 @@ class HFTarget:
             allow_block_sharing=False)
         gen = GenerationConfig(do_sample=False, max_new_tokens=m, pad_token_id=self.pad,
                                eos_token_id=sorted(self.eos) or -1)
-        cpus = self.threads(contender)
-        pin(cpus)  # the manager's generation thread inherits this thread's affinity
-        torch.set_num_threads(len(cpus))
-        done: dict[str, tuple[object, float]] = {}
-        ready = threading.Condition()
-        try:
-            with self.model.continuous_batching_context_manager(
-                    generation_config=gen, continuous_batching_config=cfg, warmup=False) as mgr:
-                stop = threading.Event()
+        return cfg, gen
 
-                def route() -> None:  # one reader of the shared output queue
-                    while not stop.is_set():
-                        r = mgr.get_result(timeout=0.05)
-                        if r is not None and r.is_finished():
-                            with ready:
-                                done[r.request_id] = (r, time.perf_counter())
-                                ready.notify_all()
+    def cb_phase(self, contender: str, c: int, prompts: list[dict], m: int, per_client: int,
+                 duration: float | None) -> list[dict]:
+        """Continuous batching: c clients submit to one manager and each waits on its own
+        requests (:meth:`cb_configs`)."""
+        cfg, gen = self.cb_configs(c, prompts, m)
+        # pinned: the manager's generation thread inherits this thread's affinity
+        with self.pinned(contender), self.model.continuous_batching_context_manager(
+                generation_config=gen, continuous_batching_config=cfg, warmup=False) as mgr:
+            results = CBResults(mgr)
+            barrier = threading.Barrier(c)
 
-                router = threading.Thread(target=route, daemon=True)
-                router.start()
-                barrier = threading.Barrier(c)
+            def run(i: int) -> list[dict]:
+                out = []
+                barrier.wait()
+                deadline = None if duration is None else time.perf_counter() + duration
+                for j, k in enumerate(plan(c, i, len(prompts), per_client, deadline)):
+                    p, rid = prompts[k], f"{contender}-{c}-{i}-{j}"
+                    start = time.perf_counter()
+                    mgr.add_request(p["ids"], request_id=rid, max_new_tokens=m,
+                                    record_timestamps=True)
+                    res, end = results.wait(rid, contender)
+                    first = res.timestamps[0] if res.timestamps else None
+                    out.append(record(contender, c, i, p, self.cut(res.generated_tokens),
+                                      start, first, end))
+                return out
 
-                def run(i: int) -> list[dict]:
-                    out = []
-                    barrier.wait()
-                    deadline = None if duration is None else time.perf_counter() + duration
-                    for j, k in enumerate(plan(c, i, len(prompts), per_client, deadline)):
-                        p, rid = prompts[k], f"{contender}-{c}-{i}-{j}"
-                        start = time.perf_counter()
-                        mgr.add_request(p["ids"], request_id=rid, max_new_tokens=m,
-                                        record_timestamps=True)
-                        with ready:
-                            ready.wait_for(lambda: rid in done or not mgr.is_running())
-                        if rid not in done:
-                            raise RuntimeError(f"{contender}: the generation thread stopped")
-                        res, end = done.pop(rid)
-                        if res.error:
-                            raise RuntimeError(f"{contender}: {res.error}")
-                        first = res.timestamps[0] if res.timestamps else None
-                        out.append(record(contender, c, i, p, self.cut(res.generated_tokens),
-                                          start, first, end))
-                    return out
+            try:
+                with ThreadPoolExecutor(c) as ex:
+                    return [r for rs in ex.map(run, range(c)) for r in rs]
+            finally:
+                results.close()
 
-                try:
-                    with ThreadPoolExecutor(c) as ex:
-                        return [r for rs in ex.map(run, range(c)) for r in rs]
-                finally:
-                    stop.set()
-                    router.join(timeout=5)
-        finally:
-            pin(ALL_CPUS)
-            torch.set_num_threads(len(ALL_CPUS))
+
+class CBResults:
+    """The finished requests of a continuous-batching manager by request id, with the time each
+    was seen: one reader of the manager's shared output queue, in its own thread."""
+
+    def __init__(self, mgr):
+        self.mgr = mgr
+        self.done: dict[str, tuple[object, float]] = {}
+        self.ready = threading.Condition()
+        self.stop = threading.Event()
+        self.router = threading.Thread(target=self.route, daemon=True)
+        self.router.start()
+
+    def route(self) -> None:
+        while not self.stop.is_set():
+            r = self.mgr.get_result(timeout=0.05)
+            if r is not None and r.is_finished():
+                with self.ready:
+                    self.done[r.request_id] = (r, time.perf_counter())
+                    self.ready.notify_all()
+
+    def wait(self, rid: str, contender: str) -> tuple[object, float]:
+        """The finished request ``rid`` and when it was seen; raises if it failed or the
+        generation thread stopped first."""
+        with self.ready:
+            self.ready.wait_for(lambda: rid in self.done or not self.mgr.is_running())
+        if rid not in self.done:
+            raise RuntimeError(f"{contender}: the generation thread stopped")
+        res, end = self.done.pop(rid)
+        if res.error:
+            raise RuntimeError(f"{contender}: {res.error}")
+        return res, end
+
+    def close(self) -> None:
+        self.stop.set()
+        self.router.join(timeout=5)
 
 
 # -- aggregation ----------------------------------------------------------------------------------
@@ -742,131 +775,175 @@ def command_line(a) -> str:
 # -- the run --------------------------------------------------------------------------------------
 
 
-def bench_load(a) -> int:
-    from tqdm import tqdm
-
-    from pearl.bench_local import ALL_CPUS, load_pair
-    from pearl.cluster import Cluster
-    from pearl.procs import running
-    from specdec.models import load_model
-
+def parse_load(a) -> tuple[list[str], list[int]] | None:
+    """The contenders and the concurrencies the run measures; None (after saying why on stderr)
+    where the flags are wrong. With --rss-only no concurrency; on cuda no '-1t' contender."""
     contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
     unknown = sorted(set(contenders) - set(CONTENDERS))
     if unknown:
         print(f"pearl bench: unknown load contenders {unknown}; choose from "
               f"{','.join(CONTENDERS)}", file=sys.stderr)
-        return 2
+        return None
     try:
         concurrency = sorted({int(x) for x in (a.concurrency or "").split(",") if x.strip()})
     except ValueError:
         print(f"pearl bench: --concurrency takes a comma list of integers, got {a.concurrency!r}",
               file=sys.stderr)
-        return 2
+        return None
     if any(c < 1 for c in concurrency):
         print("pearl bench: every --concurrency must be >= 1", file=sys.stderr)
-        return 2
+        return None
     if a.rss_only:
         concurrency = []
-    rss_on = a.rss_check or a.rss_only
-    gpu = a.device == "cuda"
-    if gpu:
+    if a.device == "cuda":
         contenders = [c for c in contenders if not c.endswith("-1t")]
-    services = [c for c in contenders if c in SERVICE]
-    dtype = "float32" if a.tiny else a.dtype
-    dcpu, tcpu = ALL_CPUS[0], ALL_CPUS[-1]
+    return contenders, concurrency
+
+
+def hardware_split(a, dtype: str) -> str:
+    from pearl.bench_local import ALL_CPUS
+
     if a.tiny:
-        split = "--tiny: services in this process, no pinning (a harness check, not a measurement)"
-    else:
-        split = (f"draft service CPU {dcpu}, target service CPU {tcpu}, one thread each, {dtype}; "
-                 f"coordinator unpinned; hf-*-1t: CPU {tcpu}, 1 thread; hf-*-all: CPUs "
-                 f"{','.join(map(str, ALL_CPUS))}, {len(ALL_CPUS)} threads")
-    command = command_line(a)
-    print(f"pearl bench (load): {command}\nhardware split: {split}", flush=True)
-    t_start = time.monotonic()
-    phases: dict[str, dict[int, dict]] = {}
+        return "--tiny: services in this process, no pinning (a harness check, not a measurement)"
+    dcpu, tcpu = ALL_CPUS[0], ALL_CPUS[-1]
+    return (f"draft service CPU {dcpu}, target service CPU {tcpu}, one thread each, {dtype}; "
+            f"coordinator unpinned; hf-*-1t: CPU {tcpu}, 1 thread; hf-*-all: CPUs "
+            f"{','.join(map(str, ALL_CPUS))}, {len(ALL_CPUS)} threads")
+
+
+@dataclass
+class Rig:
+    """What a load run drives: the models in this process (``target`` may be a tokenizer alone,
+    :func:`tokenizer_only`), the prompts, and the services' addresses (the tiny run's in-process
+    ``cluster``, else the processes of ``pearl.procs.running``)."""
+
+    draft: object | None
+    target: object
+    hf: HFTarget | None
+    prompts: list[dict]
+    gamma: int
+    address: str | None = None
+    draft_address: str | None = None
+    target_address: str | None = None
+    cluster: object | None = None
+
+    def phase(self, name: str, c: int, m: int, per_client: int,
+              duration: float | None) -> list[dict]:
+        if name in SERVICE:
+            return service_phase(self.address, name, c, self.prompts, m, self.gamma, per_client,
+                                 duration)
+        run = self.hf.padded_phase if name.startswith("hf-padded") else self.hf.cb_phase
+        return run(name, c, self.prompts, m, per_client, duration)
+
+    def close(self) -> None:
+        if self.cluster:
+            self.cluster.close()
+
+
+def start_services(svcs, a) -> None:
+    """The draft and target service processes (they load while this process loads its own);
+    on a CPU the draft on the first core, the target on the last."""
+    from pearl.bench_local import ALL_CPUS
+
+    gpu = a.device == "cuda"
+    common = ["--device", a.device, "--dtype", a.dtype, "--threads", "1",
+              *shlex.split(a.serve_args)]
+    svcs.start("draft", ["--model", a.draft_model, *common],
+               cpus=None if gpu else str(ALL_CPUS[0]))
+    svcs.start("target", ["--model", a.target_model, *common],
+               cpus=None if gpu else str(ALL_CPUS[-1]))
+
+
+def set_up(a, svcs, contenders: list[str], concurrency: list[int], dtype: str) -> Rig:
+    from pearl.bench_local import load_pair
+    from pearl.cluster import Cluster
+    from specdec.models import load_model
+
+    need_services = any(c in SERVICE for c in contenders) or a.rss_check or a.rss_only
+    if need_services and not a.tiny:
+        start_services(svcs, a)
+    hf_on = any(c in HF for c in contenders)
+    if a.tiny:
+        draft, target = load_pair(a.draft_model, a.target_model, dtype, True)
+    elif hf_on:
+        draft, target = None, load_model(a.target_model, a.device, a.dtype)
+    else:  # the services alone: the tokenizer is all this process needs
+        draft, target = None, tokenizer_only(a.target_model)
+    rig = Rig(draft, target, HFTarget(target) if hf_on else None,
+              bench_prompts(a, concurrency, target.tokenizer), a.gamma)
+    if need_services and a.tiny:
+        rig.cluster = Cluster(draft, target, a.gamma, target_kw={"transfer": untrained(target)})
+        rig.address = rig.cluster.address
+        rig.draft_address, rig.target_address = (rig.cluster.draft_address,
+                                                 rig.cluster.target_address)
+    elif need_services:
+        rig.draft_address, rig.target_address = svcs.wait("draft"), svcs.wait("target")
+        svcs.start("coordinator", ["--draft", rig.draft_address, "--target", rig.target_address,
+                                   "--gamma", str(a.gamma)])
+        rig.address = svcs.wait("coordinator", 120)
+    return rig
+
+
+def bench_prompts(a, concurrency: list[int], tokenizer) -> list[dict]:
+    """Enough HumanEval prompts for every request of a phase to have its own (all 164 with a
+    --duration)."""
+    n_prompts = max([c * a.requests_per_client for c in concurrency] + [16])
+    if a.duration is not None:
+        n_prompts = 164
+    prompts = load_prompts("humaneval", n_prompts, tokenizer, a.tiny)
+    if a.tiny:  # equal cuts of 120 characters: vary them, so that batches need padding
+        for p in prompts:
+            p["ids"] = p["ids"][(17 * p["index"]) % 50:]
+    return prompts
+
+
+def run_phases(rig: Rig, a, contenders: list[str], concurrency: list[int]) -> list[dict]:
+    """A warm-up of each contender, then every contender at every concurrency, interleaved."""
+    from tqdm import tqdm
+
+    for name in contenders:  # warm-up, not recorded: first-call costs
+        rig.phase(name, 1, min(4, a.max_new_tokens), 1, None)
     records: list[dict] = []
-    rss = None
-    need_services = bool(services) or rss_on
-    with running() as svcs:
-        cluster = None
-        if need_services and not a.tiny:
-            common = ["--device", a.device, "--dtype", a.dtype, "--threads", "1",
-                      *shlex.split(a.serve_args)]
-            svcs.start("draft", ["--model", a.draft_model, *common],
-                       cpus=None if gpu else str(dcpu))
-            svcs.start("target", ["--model", a.target_model, *common],
-                       cpus=None if gpu else str(tcpu))
-        hf_on = any(c in HF for c in contenders)
-        if a.tiny:
-            draft, target = load_pair(a.draft_model, a.target_model, dtype, True)
-        elif hf_on:
-            draft, target = None, load_model(a.target_model, a.device, a.dtype)
-        else:  # the services alone: the tokenizer is all this process needs
-            draft, target = None, tokenizer_only(a.target_model)
-        hf = HFTarget(target) if hf_on else None
-        n_prompts = max([c * a.requests_per_client for c in concurrency] + [16])
-        if a.duration is not None:
-            n_prompts = 164
-        prompts = load_prompts("humaneval", n_prompts, target.tokenizer, a.tiny)
-        if a.tiny:  # equal cuts of 120 characters: vary them, so that batches need padding
-            for p in prompts:
-                p["ids"] = p["ids"][(17 * p["index"]) % 50:]
-        address = draft_address = target_address = None
-        if need_services:
-            if a.tiny:
-                cluster = Cluster(draft, target, a.gamma,
-                                  target_kw={"transfer": untrained(target)})
-                address = cluster.address
-                draft_address, target_address = cluster.draft_address, cluster.target_address
-            else:
-                draft_address, target_address = svcs.wait("draft"), svcs.wait("target")
-                svcs.start("coordinator", ["--draft", draft_address, "--target", target_address,
-                                           "--gamma", str(a.gamma)])
-                address = svcs.wait("coordinator", 120)
-        print(f"ready in {time.monotonic() - t_start:.0f} s", flush=True)
+    bar = tqdm(total=len(concurrency) * len(contenders), desc="bench-load", unit="phase",
+               file=sys.stderr)
+    for ci, c in enumerate(concurrency):
+        k = ci % max(1, len(contenders))  # rotate: no contender always goes first
+        for name in contenders[k:] + contenders[:k]:
+            bar.set_postfix_str(f"{name} x{c}")
+            records += rig.phase(name, c, a.max_new_tokens, a.requests_per_client, a.duration)
+            bar.update()
+    bar.close()
+    return records
 
-        def phase(name: str, c: int, m: int, per_client: int, duration: float | None):
-            if name in SERVICE:
-                return service_phase(address, name, c, prompts, m, a.gamma, per_client, duration)
-            run = hf.padded_phase if name.startswith("hf-padded") else hf.cb_phase
-            return run(name, c, prompts, m, per_client, duration)
 
-        try:
-            for name in contenders:  # warm-up, not recorded: first-call costs
-                phase(name, 1, min(4, a.max_new_tokens), 1, None)
-            total = len(concurrency) * len(contenders)
-            bar = tqdm(total=total, desc="bench-load", unit="phase", file=sys.stderr)
-            for ci, c in enumerate(concurrency):
-                k = ci % max(1, len(contenders))  # rotate: no contender always goes first
-                for name in contenders[k:] + contenders[:k]:
-                    bar.set_postfix_str(f"{name} x{c}")
-                    recs = phase(name, c, a.max_new_tokens, a.requests_per_client, a.duration)
-                    records += recs
-                    bar.update()
-            bar.close()
-            if rss_on:
-                pids = ({"bench process (all services)": os.getpid()} if a.tiny else
-                        {role: s.proc.pid for role, s in svcs.all.items()})
-                modes = services or list(SERVICE)
-                print(f"RSS check: {a.rss_requests} mixed requests ({','.join(modes)}), "
-                      f"{a.rss_concurrency} at a time ...", flush=True)
-                rss = rss_check(address, pids, prompts, modes, a.max_new_tokens, a.rss_requests,
-                                a.rss_concurrency, min(20, a.rss_requests))
-            kv = {"target": kv_bytes("target", target_address, target.model.config
-                                     if target.model else model_config(a.target_model), dtype),
-                  "draft": kv_bytes("draft", draft_address,
-                                    draft.model.config if draft else model_config(a.draft_model),
-                                    dtype)}
-        finally:
-            if cluster:
-                cluster.close()
+def run_rss_check(rig: Rig, a, svcs, contenders: list[str]) -> dict:
+    pids = ({"bench process (all services)": os.getpid()} if a.tiny else
+            {role: s.proc.pid for role, s in svcs.all.items()})
+    modes = [c for c in contenders if c in SERVICE] or list(SERVICE)
+    print(f"RSS check: {a.rss_requests} mixed requests ({','.join(modes)}), "
+          f"{a.rss_concurrency} at a time ...", flush=True)
+    return rss_check(rig.address, pids, rig.prompts, modes, a.max_new_tokens, a.rss_requests,
+                     a.rss_concurrency, min(20, a.rss_requests))
 
+
+def kv_sizes(rig: Rig, a, dtype: str) -> dict:
+    target_config = rig.target.model.config if rig.target.model else model_config(a.target_model)
+    draft_config = rig.draft.model.config if rig.draft else model_config(a.draft_model)
+    return {"target": kv_bytes("target", rig.target_address, target_config, dtype),
+            "draft": kv_bytes("draft", rig.draft_address, draft_config, dtype)}
+
+
+def analyse(records: list[dict], rig: Rig, a, contenders: list[str], concurrency: list[int],
+            rss: dict | None, dtype: str) -> dict:
+    """Marks the records against the reference's tokens; the phases' summaries, the goals and
+    the Markdown table."""
     reference = next((c for c in ("ar", "hf-padded-1t", "hf-padded-all") if c in contenders),
                      None)
     mark_identical(records, reference)
-    weigh = Margins(target, a.target_model, a.device, dtype)
-    divergences = mark_divergences(records, reference, {p["index"]: p["ids"] for p in prompts},
-                                   weigh)
+    weigh = Margins(rig.target, a.target_model, a.device, dtype)
+    divergences = mark_divergences(records, reference,
+                                   {p["index"]: p["ids"] for p in rig.prompts}, weigh)
+    phases: dict[str, dict[int, dict]] = {}
     for name in contenders:
         for c in concurrency:
             recs = [r for r in records if r["contender"] == name and r["concurrency"] == c]
@@ -875,38 +952,33 @@ def bench_load(a) -> int:
     gs = goals(phases, concurrency, rss)
     if concurrency:
         gs.append(divergence_goal(divergences, dtype))
-    table_md = markdown(phases, concurrency) if concurrency else ""
+    return {"reference": reference, "divergences": divergences, "phases": phases, "goals": gs,
+            "table_md": markdown(phases, concurrency) if concurrency else ""}
+
+
+def print_report(found: dict, records: list[dict], concurrency: list[int], rss: dict | None,
+                 kv: dict, command: str) -> None:
     print()
     if concurrency:
-        print(detail(phases))
-        print(f"\n(identical: share of greedy requests whose tokens equal {reference}'s on the "
-              "same prompt, alone where it ran alone; tgt batch: mean sessions per target engine "
-              "step of a request's forwards; queue wait s: mean seconds a request's forwards "
-              "waited in the services' engine queues)")
-        print(divergence_text(records, divergences))
+        print(detail(found["phases"]))
+        print(f"\n(identical: share of greedy requests whose tokens equal {found['reference']}'s "
+              "on the same prompt, alone where it ran alone; tgt batch: mean sessions per target "
+              "engine step of a request's forwards; queue wait s: mean seconds a request's "
+              "forwards waited in the services' engine queues)")
+        print(divergence_text(records, found["divergences"]))
         print()
-        print(table_md)
+        print(found["table_md"])
     if rss:
         print("\nRSS MB after the first {first} / at the end: ".format(**rss) + ", ".join(
             f"{k} {rss['after_first_mb'][k]:.0f} / {rss['at_end_mb'][k]:.0f}"
             for k in rss["at_end_mb"] if rss["at_end_mb"][k]))
     for role, d in kv.items():
         print(f"KV bytes per token, {role}: {d['bytes']} ({d['source']})")
-    print(goals_text(gs, command))
-    elapsed = time.monotonic() - t_start
-    result = {
-        "config": {"command": command, "draft_model": "tiny" if a.tiny else a.draft_model,
-                   "target_model": "tiny" if a.tiny else a.target_model, "dtype": dtype,
-                   "device": a.device, "concurrency": concurrency, "contenders": contenders,
-                   "max_new_tokens": a.max_new_tokens, "requests_per_client":
-                   a.requests_per_client, "duration_s": a.duration, "gamma": a.gamma,
-                   "tiny": a.tiny, "cpus": ALL_CPUS, "hardware_split": split,
-                   "reference": reference, "serve_args": a.serve_args},
-        "phases": {n: {str(c): s for c, s in by_c.items()} for n, by_c in phases.items()},
-        "goals": gs, "divergences": divergences, "kv_bytes_per_token": kv, "rss": rss,
-        "table_md": table_md,
-        "records": records, "elapsed_s": elapsed,
-    }
+    print(goals_text(found["goals"], command))
+
+
+def write_outputs(a, result: dict, phases: dict, concurrency: list[int]) -> None:
+    """The JSON and, with load phases, the chart."""
     out = Path(a.json or (TINY_JSON if a.tiny else DEFAULT_JSON))
     png = Path(a.chart or (TINY_CHART if a.tiny else DEFAULT_CHART))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -916,5 +988,46 @@ def bench_load(a) -> int:
         chart(png, phases, concurrency,
               f"{'tiny models' if a.tiny else a.target_model}, {a.max_new_tokens} new tokens")
         wrote.append(str(png))
-    print(f"\nwrote {' and '.join(wrote)} ({elapsed:.0f} s in all)")
+    print(f"\nwrote {' and '.join(wrote)} ({result['elapsed_s']:.0f} s in all)")
+
+
+def bench_load(a) -> int:
+    from pearl.bench_local import ALL_CPUS
+    from pearl.procs import running
+
+    parsed = parse_load(a)
+    if parsed is None:
+        return 2
+    contenders, concurrency = parsed
+    dtype = "float32" if a.tiny else a.dtype
+    split, command = hardware_split(a, dtype), command_line(a)
+    print(f"pearl bench (load): {command}\nhardware split: {split}", flush=True)
+    t_start = time.monotonic()
+    rss = None
+    with running() as svcs:
+        rig = set_up(a, svcs, contenders, concurrency, dtype)
+        print(f"ready in {time.monotonic() - t_start:.0f} s", flush=True)
+        try:
+            records = run_phases(rig, a, contenders, concurrency)
+            if a.rss_check or a.rss_only:
+                rss = run_rss_check(rig, a, svcs, contenders)
+            kv = kv_sizes(rig, a, dtype)
+        finally:
+            rig.close()
+    found = analyse(records, rig, a, contenders, concurrency, rss, dtype)
+    print_report(found, records, concurrency, rss, kv, command)
+    config = {"command": command, "draft_model": "tiny" if a.tiny else a.draft_model,
+              "target_model": "tiny" if a.tiny else a.target_model, "dtype": dtype,
+              "device": a.device, "concurrency": concurrency, "contenders": contenders,
+              "max_new_tokens": a.max_new_tokens, "requests_per_client": a.requests_per_client,
+              "duration_s": a.duration, "gamma": a.gamma, "tiny": a.tiny, "cpus": ALL_CPUS,
+              "hardware_split": split, "reference": found["reference"],
+              "serve_args": a.serve_args}
+    phases = found["phases"]
+    result = {"config": config,
+              "phases": {n: {str(c): s for c, s in by_c.items()} for n, by_c in phases.items()},
+              "goals": found["goals"], "divergences": found["divergences"],
+              "kv_bytes_per_token": kv, "rss": rss, "table_md": found["table_md"],
+              "records": records, "elapsed_s": time.monotonic() - t_start}
+    write_outputs(a, result, phases, concurrency)
     return 0
