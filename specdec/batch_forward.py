@@ -114,13 +114,12 @@ def forward(model: torch.nn.Module, store: KVStore, rows: list[Row],
     compiled functions instead of the model's modules; attention and the cache stay as they are.
 
     Each row's K/V are written to its slots P.. (its ``slots.cached`` stays as it was: the caller
-    commits the length). Rows whose abort event is set leave at the next decoder layer.
+    commits the length); the caller has reserved those slots (``Engine._step``, which refuses a
+    work the store cannot hold). Rows whose abort event is set leave at the next decoder layer.
     """
     m, dev = model.model, store.device
     for r in rows:
         r._grown = False
-        extra = len(r.pseudo.under) * r.pseudo.k if r.pseudo else 0
-        store.reserve(r.slots, r.slots.cached + len(r.tokens) + extra)
     ids = torch.tensor([t for r in rows for t in r.tokens], device=dev)
     pos = torch.tensor([p for r in rows for p in r.positions()], device=dev)
     b = _Batch(rows, m.embed_tokens(ids), pos)
