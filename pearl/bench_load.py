@@ -24,6 +24,10 @@ where the run has that prompt there) is weighed with the target's logit margin a
 difference: in bf16 each must be a measured near-tie.
 ``--rss-check`` adds a mixed load (modes, prompt lengths, sampling) of 200 requests and compares
 the services' RSS after the first 20 with the RSS at the end.
+``--replay-acceptance A`` (models with random weights, e.g. ``random:qwen2.5-7b`` on a GPU): the
+target service's greedy continuation of every prompt is written to ``--out``/replay.jsonl before
+the phases, and the draft service replays it with probability A (draft_service/replay.py), as in
+the one-request bench; every report then says that the acceptance is chosen, not measured.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pearl.bench import DEFAULT_MODELS, SERVICE, load_prompts, pct, rss_mb, untrained
+from pearl.bench_run import replay_args, replay_note, write_references
 
 HF = ("hf-padded-1t", "hf-padded-all", "hf-cb-1t", "hf-cb-all")
+DRAFTING = ("sd", "pearl", "hidden-transfer")  # the contenders whose acceptance means something
 CONTENDERS = SERVICE + HF
 DEFAULTS = {"max_new_tokens": 48, "contenders": ",".join(CONTENDERS)}
 DEFAULT_JSON = "docs/data/bench-load.json"
@@ -92,6 +98,10 @@ def extend_bench(p: argparse.ArgumentParser) -> None:
         help="load bench: extra `pearl serve` flags for the draft and target services")
     add("--max-new-tokens", type=int, default=None)
     add("--contenders", default=None)
+    add("--replay-acceptance", type=float, default=None,
+        help="the draft replays the target's greedy tokens with this probability "
+             "(draft_service/replay.py; random-weight models): chosen acceptance, not measured")
+    add("--out", default="bench-out", help="load bench: folder for replay.jsonl")
     for flag, kw in (("--tiny", {"action": "store_true"}), ("--gamma", {"type": int, "default": 3}),
                      ("--dtype", {"default": "bfloat16"}), ("--device", {"default": "cpu"}),
                      ("--draft-model", {"default": DEFAULT_MODELS["draft"]}),
@@ -371,7 +381,8 @@ def summarize(recs: list[dict]) -> dict:
     if any(r.get("identical") is not None for r in recs):
         same = [r["identical"] for r in recs if r.get("identical") is not None]
         s["identical_share"] = sum(same) / len(same)
-    if any(r.get("acceptance_rate") for r in recs):
+    if recs[0]["contender"] in DRAFTING and any(r.get("acceptance_rate") is not None
+                                                for r in recs):
         s["acceptance_rate_mean"] = statistics.mean(r["acceptance_rate"] or 0 for r in recs)
     for key, name in (("queue_wait_s", "queue_wait_mean_s"),
                       ("mean_target_batch", "mean_target_batch")):
@@ -624,10 +635,10 @@ def tokenizer_only(name: str):
 
     from transformers import AutoTokenizer
 
-    from specdec import model_store
+    from specdec.models import tokenizer_folder
 
     return SimpleNamespace(model=None, tokenizer=AutoTokenizer.from_pretrained(
-        model_store.resolve(name, progress=False)))
+        tokenizer_folder(name)))
 
 
 def model_config(name: str):
@@ -720,6 +731,7 @@ def detail(phases: dict) -> str:
             ("p50 lat s", "latency_p50_s", "{:.2f}"), ("p99 lat s", "latency_p99_s", "{:.2f}"),
             ("TTFT p50 s", "ttft_p50_s", "{:.2f}"), ("TTFT p99 s", "ttft_p99_s", "{:.2f}"),
             ("identical", "identical_share", "{:.2f}"),
+            ("accept", "acceptance_rate_mean", "{:.3f}"),
             ("tgt batch", "mean_target_batch", "{:.2f}"),
             ("queue wait s", "queue_wait_mean_s", "{:.3f}")]
     rows = [{"contender": n, "concurrency": c, **s} for n, by_c in phases.items()
@@ -766,6 +778,14 @@ def command_line(a) -> str:
     parts.append(f"--max-new-tokens {a.max_new_tokens}")
     if a.contenders != DEFAULTS["contenders"]:
         parts.append(f"--contenders {a.contenders}")
+    if not a.tiny:
+        for flag, value, default in (("--draft-model", a.draft_model, DEFAULT_MODELS["draft"]),
+                                     ("--target-model", a.target_model, DEFAULT_MODELS["target"]),
+                                     ("--device", a.device, "cpu")):
+            if value != default:
+                parts.append(f"{flag} {value}")
+    if a.replay_acceptance is not None:
+        parts.append(f"--replay-acceptance {a.replay_acceptance:g}")
     for flag, on in (("--tiny", a.tiny), ("--rss-check", a.rss_check), ("--rss-only", a.rss_only)):
         if on:
             parts.append(flag)
@@ -804,11 +824,18 @@ def hardware_split(a, dtype: str) -> str:
     from pearl.bench_local import ALL_CPUS
 
     if a.tiny:
-        return "--tiny: services in this process, no pinning (a harness check, not a measurement)"
-    dcpu, tcpu = ALL_CPUS[0], ALL_CPUS[-1]
-    return (f"draft service CPU {dcpu}, target service CPU {tcpu}, one thread each, {dtype}; "
-            f"coordinator unpinned; hf-*-1t: CPU {tcpu}, 1 thread; hf-*-all: CPUs "
-            f"{','.join(map(str, ALL_CPUS))}, {len(ALL_CPUS)} threads")
+        split = "--tiny: services in this process, no pinning (a harness check, not a measurement)"
+    elif a.device == "cuda":
+        split = (f"draft, target and coordinator services as separate processes sharing the one "
+                 f"GPU, one torch thread each, {dtype}; hf-*-all in this process on the same GPU")
+    else:
+        dcpu, tcpu = ALL_CPUS[0], ALL_CPUS[-1]
+        split = (f"draft service CPU {dcpu}, target service CPU {tcpu}, one thread each, {dtype}; "
+                 f"coordinator unpinned; hf-*-1t: CPU {tcpu}, 1 thread; hf-*-all: CPUs "
+                 f"{','.join(map(str, ALL_CPUS))}, {len(ALL_CPUS)} threads")
+    if a.replay_acceptance is not None:
+        split += "; " + replay_note(a.replay_acceptance)
+    return split
 
 
 @dataclass
@@ -840,7 +867,7 @@ class Rig:
             self.cluster.close()
 
 
-def start_services(svcs, a) -> None:
+def start_services(svcs, a, extra_draft: list[str]) -> None:
     """The draft and target service processes (they load while this process loads its own);
     on a CPU the draft on the first core, the target on the last."""
     from pearl.bench_local import ALL_CPUS
@@ -848,7 +875,7 @@ def start_services(svcs, a) -> None:
     gpu = a.device == "cuda"
     common = ["--device", a.device, "--dtype", a.dtype, "--threads", "1",
               *shlex.split(a.serve_args)]
-    svcs.start("draft", ["--model", a.draft_model, *common],
+    svcs.start("draft", ["--model", a.draft_model, *common, *extra_draft],
                cpus=None if gpu else str(ALL_CPUS[0]))
     svcs.start("target", ["--model", a.target_model, *common],
                cpus=None if gpu else str(ALL_CPUS[-1]))
@@ -860,8 +887,9 @@ def set_up(a, svcs, contenders: list[str], concurrency: list[int], dtype: str) -
     from specdec.models import load_model
 
     need_services = any(c in SERVICE for c in contenders) or a.rss_check or a.rss_only
+    replay = replay_file(a) if need_services and a.replay_acceptance is not None else None
     if need_services and not a.tiny:
-        start_services(svcs, a)
+        start_services(svcs, a, replay_args(replay, a.replay_acceptance) if replay else [])
     hf_on = any(c in HF for c in contenders)
     if a.tiny:
         draft, target = load_pair(a.draft_model, a.target_model, dtype, True)
@@ -872,7 +900,11 @@ def set_up(a, svcs, contenders: list[str], concurrency: list[int], dtype: str) -
     rig = Rig(draft, target, HFTarget(target) if hf_on else None,
               bench_prompts(a, concurrency, target.tokenizer), a.gamma)
     if need_services and a.tiny:
-        rig.cluster = Cluster(draft, target, a.gamma, target_kw={"transfer": untrained(target)})
+        from draft_service.replay import Replay
+
+        rig.cluster = Cluster(
+            draft, target, a.gamma, target_kw={"transfer": untrained(target)},
+            draft_kw={"replay": Replay(replay, a.replay_acceptance)} if replay else None)
         rig.address = rig.cluster.address
         rig.draft_address, rig.target_address = (rig.cluster.draft_address,
                                                  rig.cluster.target_address)
@@ -881,7 +913,32 @@ def set_up(a, svcs, contenders: list[str], concurrency: list[int], dtype: str) -
         svcs.start("coordinator", ["--draft", rig.draft_address, "--target", rig.target_address,
                                    "--gamma", str(a.gamma)])
         rig.address = svcs.wait("coordinator", 120)
+    if replay:
+        target_references(rig.address, rig.prompts, a.max_new_tokens, replay)
     return rig
+
+
+def replay_file(a) -> Path:
+    """Where the replaying draft's references go; empty until :func:`target_references` writes
+    them (the draft service reads the file again when it changes)."""
+    path = Path(a.out) / "replay.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    return path
+
+
+def target_references(address: str, prompts: list[dict], m: int, path: Path) -> None:
+    """The replaying draft's references: the target service's own greedy continuation of every
+    prompt (``ar`` through the coordinator, 16 at a time), so that what the draft replays is
+    exactly what the target emits, with no second copy of the target in this process."""
+    from pearl.client import Client
+
+    t0 = time.monotonic()
+    with Client(address) as client:
+        write_references(lambda ids, n: client.complete(ids, mode="ar", max_new_tokens=n).token_ids,
+                         prompts, m, path, workers=min(16, len(prompts)))
+    print(f"replay references: the target's greedy tokens for {len(prompts)} prompts in "
+          f"{path} ({time.monotonic() - t0:.0f} s)", flush=True)
 
 
 def bench_prompts(a, concurrency: list[int], tokenizer) -> list[dict]:
@@ -957,8 +1014,11 @@ def analyse(records: list[dict], rig: Rig, a, contenders: list[str], concurrency
 
 
 def print_report(found: dict, records: list[dict], concurrency: list[int], rss: dict | None,
-                 kv: dict, command: str) -> None:
+                 kv: dict, command: str, replay: float | None) -> None:
     print()
+    if replay is not None:
+        print(f"NOTE: {replay_note(replay)}; accept = the acceptance the services measured "
+              "under that choice")
     if concurrency:
         print(detail(found["phases"]))
         print(f"\n(identical: share of greedy requests whose tokens equal {found['reference']}'s "
@@ -1015,14 +1075,16 @@ def bench_load(a) -> int:
         finally:
             rig.close()
     found = analyse(records, rig, a, contenders, concurrency, rss, dtype)
-    print_report(found, records, concurrency, rss, kv, command)
+    print_report(found, records, concurrency, rss, kv, command, a.replay_acceptance)
     config = {"command": command, "draft_model": "tiny" if a.tiny else a.draft_model,
               "target_model": "tiny" if a.tiny else a.target_model, "dtype": dtype,
               "device": a.device, "concurrency": concurrency, "contenders": contenders,
               "max_new_tokens": a.max_new_tokens, "requests_per_client": a.requests_per_client,
               "duration_s": a.duration, "gamma": a.gamma, "tiny": a.tiny, "cpus": ALL_CPUS,
               "hardware_split": split, "reference": found["reference"],
-              "serve_args": a.serve_args}
+              "serve_args": a.serve_args, "replay_acceptance": a.replay_acceptance,
+              "acceptance": ("chosen: " + replay_note(a.replay_acceptance)
+                             if a.replay_acceptance is not None else "measured")}
     phases = found["phases"]
     result = {"config": config,
               "phases": {n: {str(c): s for c, s in by_c.items()} for n, by_c in phases.items()},

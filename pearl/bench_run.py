@@ -95,10 +95,20 @@ def hardware_split(a, gpu: bool, cpus: list[int]) -> str:
                  f"(both models of hf-assisted on it); hf-assisted-all / ar-local-all: CPUs "
                  f"{','.join(map(str, cpus))}, {len(cpus)} threads")
     if a.replay_acceptance is not None:
-        split += (f"; the draft replays the target's greedy tokens with probability "
-                  f"{a.replay_acceptance} (draft_service/replay.py: timing of the schedule and "
-                  "the protocol, not real-model acceptance)")
+        split += "; " + replay_note(a.replay_acceptance)
     return split
+
+
+def replay_note(acceptance: float) -> str:
+    """What every report of a run with a replaying draft says about its acceptance."""
+    return (f"the draft replays the target's greedy tokens with probability {acceptance} "
+            "(draft_service/replay.py): acceptance is CHOSEN, not a real pair's; the figures time "
+            "the schedule and the protocol")
+
+
+def replay_args(path: Path, acceptance: float) -> list[str]:
+    """The draft service's flags that make it replay the references in ``path``."""
+    return ["--replay", str(path), "--replay-acceptance", str(acceptance)]
 
 
 def baseline(contenders: list[str]) -> str:
@@ -154,13 +164,20 @@ def untrained(loaded):
     return Transfer(layers, loaded.name)
 
 
-def write_references(local, prompts: list[dict], new_tokens: int, path: Path) -> Path:
-    """The target's own greedy continuation of every prompt (in this process), one JSON list of
-    prompt + continuation per line: what a replaying draft proposes (draft_service/replay.py)."""
-    with path.open("w") as f:
-        for p in prompts:
-            r = local.run(p["ids"], new_tokens + 16, "all")
-            f.write(json.dumps(p["ids"] + r.token_ids) + "\n")
+def write_references(greedy, prompts: list[dict], new_tokens: int, path: Path,
+                     workers: int = 1) -> Path:
+    """The target's own greedy continuation of every prompt, one JSON list of prompt +
+    continuation per line: what a replaying draft proposes (draft_service/replay.py).
+    ``greedy(prompt_ids, n)`` gives the target's first ``n`` greedy tokens (the one-request
+    bench: the model in this process; the load bench: the target service, ``workers`` prompts
+    at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as ex:
+        rows = list(ex.map(lambda p: p["ids"] + greedy(p["ids"], new_tokens + 16), prompts))
+    tmp = path.with_suffix(".tmp")  # whole, at once: a replaying draft may read it any time
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
     return path
 
 
@@ -236,9 +253,9 @@ def measure(a, s: Setup, out_dir: Path) -> Measured:
         local = Local(draft, target, a.gamma)
         prompts = load_prompts(a.set, a.prompts, target.tokenizer, a.tiny)
         if out_of_process and s.replay:  # the draft needs the target's continuations first
-            path = write_references(local, prompts, a.max_new_tokens, out_dir / "replay.jsonl")
-            start_models(a, s, svcs, ["--replay", str(path), "--replay-acceptance",
-                                      str(a.replay_acceptance)])
+            path = write_references(lambda ids, n: local.run(ids, n, "all").token_ids,
+                                    prompts, a.max_new_tokens, out_dir / "replay.jsonl")
+            start_models(a, s, svcs, replay_args(path, a.replay_acceptance))
         cluster, address = connect(a, s, svcs, draft, target)
         print(f"ready in {time.monotonic() - s.t_start:.0f} s", flush=True)
         client = Client(address) if address else None

@@ -94,7 +94,21 @@ SHAPES: dict[str, dict[str, Any]] = {
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
     "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
+    # not a real model: the same code path in seconds on a CPU (scripts/gpu_check.sh --cpu-dry-run)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
+
+
+def tokenizer_folder(name: str) -> Path | str:
+    """Where ``name``'s tokenizer is: for ``random:<shape>`` the Qwen2.5 one
+    (``$PEARL_RANDOM_TOKENIZER``, a folder, or the registry draft's), else the model's own."""
+    import os
+
+    if name.startswith(RANDOM):
+        return os.environ.get("PEARL_RANDOM_TOKENIZER") or model_store.resolve(
+            "qwen2.5-coder-0.5b-instruct")
+    return model_store.resolve(name)
 
 
 def random_model(name: str, dev: torch.device, dt: torch.dtype, seed: int = 0) -> LoadedModel:
@@ -110,8 +124,6 @@ def random_model(name: str, dev: torch.device, dt: torch.dtype, seed: int = 0) -
     disagree and a replaying draft (draft_service/replay.py) cannot supply the acceptance asked
     of it. Forward times do not depend on the values of the weights.
     """
-    import os
-
     shape = name.removeprefix(RANDOM)
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r} in {name!r}; known: {sorted(SHAPES)}")
@@ -130,9 +142,7 @@ def random_model(name: str, dev: torch.device, dt: torch.dtype, seed: int = 0) -
             layer.mlp.down_proj.weight.mul_(0.05)
     gc = model.generation_config
     gc.bos_token_id = gc.eos_token_id = gc.pad_token_id = None
-    folder = os.environ.get("PEARL_RANDOM_TOKENIZER") or model_store.resolve(
-        "qwen2.5-coder-0.5b-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(name))
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=dev, dtype=dt)
 
 

@@ -45,6 +45,8 @@ def test_load_bench_tiny_run(tmp_path):
     assert res["config"]["reference"] == "ar"
     assert res["phases"]["pearl"]["2"]["identical_share"] == 1.0
     assert res["phases"]["hf-padded-1t"]["2"]["identical_share"] == 1.0
+    # the noisy tiny draft's own acceptance (test_load_bench_with_a_replaying_draft's contrast)
+    assert all(s["acceptance_rate_mean"] >= 0.7 for s in res["phases"]["pearl"].values())
     # engine statistics of every service request (GenerateStats), in the records and the table
     for r in res["records"]:
         if r["contender"] in ("ar", "pearl"):
@@ -89,6 +91,38 @@ def test_load_bench_tiny_run(tmp_path):
     assert "not measured (needs pearl at concurrency 1 and 8)" in text
     assert {g["goal"] for g in res["goals"]} >= {g for g in GOAL_NAMES if "RSS" not in g
                                                   and "p99" not in g}
+
+
+def test_load_bench_with_a_replaying_draft(tmp_path):
+    """--replay-acceptance in the load bench: the target service's greedy continuations of every
+    prompt go to --out/replay.jsonl and the draft replays them. The tiny noisy draft alone
+    accepts ~0.9 of its tokens (test_load_bench_tiny_run); replaying at 0.3 it must accept about
+    what a window of 3 accepts at 0.3 per token ((.3 + .09 + .027) / 3 = 0.14); the output stays
+    ar's."""
+    out, chosen = tmp_path / "load.json", 0.3
+    proc = subprocess.run(
+        [sys.executable, "-m", "pearl.cli", "bench", "--concurrency", "1,2", "--tiny",
+         "--contenders", "ar,sd,pearl", "--max-new-tokens", "12", "--replay-acceptance",
+         str(chosen), "--json", str(out), "--chart", str(tmp_path / "load.png"),
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    refs = [json.loads(x) for x in (tmp_path / "replay.jsonl").read_text().splitlines()]
+    assert len(refs) == 16  # every prompt the load bench uses (at least 16)
+    for r in res["records"]:  # each reference: prompt + the target's own greedy tokens, and more
+        n = r["prompt_tokens"]
+        assert any(len(x) > n + 12 and x[n:n + 12] == r["token_ids"] for x in refs), r["prompt"]
+    for name in ("sd", "pearl"):
+        for c, s in res["phases"][name].items():
+            assert s["identical_share"] == 1.0, (name, c)  # lossless: ar's tokens
+            assert 0.03 <= s["acceptance_rate_mean"] <= 0.4, (name, c, s["acceptance_rate_mean"])
+    assert "acceptance_rate_mean" not in res["phases"]["ar"]["1"]
+    assert res["config"]["replay_acceptance"] == chosen
+    assert res["config"]["acceptance"].startswith("chosen: ")
+    assert "--replay-acceptance 0.3" in res["config"]["command"]
+    assert "acceptance is CHOSEN, not a real pair's" in res["config"]["hardware_split"]
+    assert re.search(r"^NOTE: the draft replays .* acceptance is CHOSEN", proc.stdout, re.M)
 
 
 def test_goals_met_and_not_met():
