@@ -19,7 +19,7 @@ from specdec.engine import (
 )
 from specdec.kv import Aborted
 from specdec.kv_store import StoreFull
-from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS
+from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_BATCH_WAIT_MS, DEFAULT_MAX_SESSIONS
 from specdec.limits import idle_get
 from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
@@ -44,14 +44,17 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
     def __init__(self, loaded, q_tail: float = 1e-4, replay: Replay | None = None,
                  kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS, compile: str = "auto"):
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, compile: str = "auto",
+                 max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS):
         self.loaded = loaded
         self.q_tail = q_tail
         self.replay = replay  # a benchmarking draft (draft_service/replay.py), normally None
         # one batched forward per step over every session's draft step (specdec/engine.py)
         self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "draft",
-                             compile=compile_steps(compile, loaded.device))
+                             compile=compile_steps(compile, loaded.device),
+                             max_batch_wait_ms=max_batch_wait_ms)
         self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
+        self.engine.on_wait = lambda ns: self.telemetry.engine_wait(ns)
         self.runner = ModelRunner("draft", max_sessions or 256)
         self.live = 0
         self.aborted = 0  # draft forwards stopped early because their token went stale
@@ -158,10 +161,11 @@ async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4,
                 tls: ServerTLS | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,
                 idle_s: float = DEFAULT_IDLE_S, replay: Replay | None = None,
                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: str = "auto"
+                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: str = "auto",
+                max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS
                 ) -> tuple[Server, DraftServicer]:
     servicer = DraftServicer(loaded, q_tail, replay, kv_cache_tokens, max_batch_tokens,
-                             max_sessions, compile)
+                             max_sessions, compile, max_batch_wait_ms)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
                     label="draft service", max_sessions=max_sessions)

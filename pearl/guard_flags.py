@@ -7,6 +7,7 @@ serve draft/target:   --session-idle-s S                  close sessions silent 
                       --kv-cache-tokens N                 KV store slots of all sessions
                       --max-batch-tokens N                tokens fed per engine step
                       --compile auto|on|off               compiled engine steps
+                      --max-batch-wait-ms MS              coalescing wait before a step
 serve coordinator:    --backend-tls-ca [--backend-tls-cert --backend-tls-key]
                                                           TLS (mTLS) towards draft and target
                       --auth-token T | PEARL_AUTH_TOKEN   bearer token on the client API
@@ -24,7 +25,11 @@ from specdec.defaults import (
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_MAX_SESSIONS,
 )
-from specdec.defaults import DEFAULT_KV_CACHE_TOKENS, DEFAULT_MAX_BATCH_TOKENS
+from specdec.defaults import (
+    DEFAULT_KV_CACHE_TOKENS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_BATCH_WAIT_MS,
+)
 
 
 def _env(name: str, default=None):
@@ -59,6 +64,12 @@ def add_serve_flags(p) -> None:
                    default=int(_env("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)),
                    help="draft/target: tokens fed per engine step, all sessions together "
                         "(longer prefills are fed in chunks)")
+    g.add_argument("--max-batch-wait-ms", type=float,
+                   default=float(_env("MAX_BATCH_WAIT_MS", DEFAULT_MAX_BATCH_WAIT_MS)),
+                   help="draft/target: before an engine step, wait at most this long (and at "
+                        "most a quarter of the recent step time) for the sessions of the last "
+                        "step to send their next work, so that sessions taking turns share a "
+                        "step; 0 = no wait")
     g.add_argument("--compile", default=_env("COMPILE", "auto"), choices=["auto", "on", "off"],
                    help="draft/target: compiled engine steps (torch.compile; CUDA graphs on a "
                         "GPU); auto = on with --device cuda, off on the CPU")
@@ -82,7 +93,8 @@ def serve_kwargs(a) -> dict:
               max_sessions=a.max_sessions)
     if a.role in ("draft", "target"):
         kw.update(idle_s=a.session_idle_s, kv_cache_tokens=a.kv_cache_tokens,
-                  max_batch_tokens=a.max_batch_tokens, compile=a.compile)
+                  max_batch_tokens=a.max_batch_tokens, compile=a.compile,
+                  max_batch_wait_ms=a.max_batch_wait_ms)
     else:
         kw.update(backend_tls=ClientTLS.from_flags(a.backend_tls_ca, a.backend_tls_cert,
                                                    a.backend_tls_key),

@@ -39,3 +39,7 @@ DEFAULT_GRACE_S = 10.0  # seconds to drain in-flight calls on SIGTERM
 # The engine of each draft/target process (docs/design.md: the engine).
 DEFAULT_KV_CACHE_TOKENS = 65_536  # KV store slots shared by all sessions of one model
 DEFAULT_MAX_BATCH_TOKENS = 512  # tokens fed per engine step; longer prefills go in chunks
+# Before a step, wait at most this long (and at most a quarter of the recent step time) for the
+# sessions of the last step that usually come straight back, so that sessions taking turns share
+# a step instead of alternating; 0 = start each step with whatever is pending.
+DEFAULT_MAX_BATCH_WAIT_MS = 10.0

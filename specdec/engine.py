@@ -36,9 +36,20 @@ from specdec.kv_store import KVStore, Slots, StoreFull
 
 log = logging.getLogger("pearl.engine")
 
-from specdec.defaults import DEFAULT_KV_CACHE_TOKENS, DEFAULT_MAX_BATCH_TOKENS  # noqa: E402
+from specdec.defaults import (  # noqa: E402
+    DEFAULT_KV_CACHE_TOKENS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_BATCH_WAIT_MS,
+)
 PRIORITY = {"verify": 0, "draft": 1, "prefill": 2}
 STARVE_STEPS = 4  # a prefill left out this many steps in a row goes first
+# The coalescing wait before a step (Engine._coalesce): at most this fraction of the recent step
+# time (an EMA with weight STEP_EMA), and only for sessions that came back within the wait on at
+# least RETURN_MIN of their recent returns (an EMA with weight RETURN_EMA).
+WAIT_FRACTION = 0.25
+STEP_EMA = 0.2
+RETURN_EMA = 0.25
+RETURN_MIN = 0.2
 
 
 @dataclass
@@ -61,10 +72,20 @@ class Work:
     waited: int = 0  # steps it was left out of
 
 
+@dataclass
+class Return:
+    """How a session comes back to the engine after its work is done (the coalescing wait)."""
+
+    done_ns: int = 0  # when its last work ended
+    out: bool = False  # its next work has not arrived yet
+    quick: float = 1.0  # EMA of "its next work came within the wait"
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "model",
-                 compile: bool = False):
+                 compile: bool = False,
+                 max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.model = model
@@ -84,6 +105,14 @@ class Engine:
         self.rows_seen: Counter[int] = Counter()  # steps by how many sessions they batched
         self.running: list[Work] = []  # the works of the step in progress
         self.on_step: Callable[[int, int, int], None] | None = None  # (rows, tokens, step_ns)
+        # the coalescing wait (_coalesce): its cap, the recent step time, the sessions of the
+        # last step, how each session comes back, and the time spent waiting (on_wait: ns)
+        self.max_batch_wait_s = max(0.0, max_batch_wait_ms) / 1e3
+        self.step_s = 0.0
+        self.last: list[Sequence] = []
+        self.returns: weakref.WeakKeyDictionary[Sequence, Return] = weakref.WeakKeyDictionary()
+        self.waits, self.wait_ns = 0, 0
+        self.on_wait: Callable[[int], None] | None = None
         self.thread: threading.Thread | None = None
         if self.batched:
             self.thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
@@ -166,25 +195,80 @@ class Engine:
             with self.cv:
                 while not self.pending and not self.closed:
                     self.cv.wait()
+                waited = self._coalesce()
                 if self.closed:
                     return
                 batch = self._take()
                 self.running = [w for w, _ in batch]
+            if waited is not None and self.on_wait is not None:
+                self.on_wait(waited)
             if batch:
+                t0 = time.perf_counter()
                 try:
                     self._step(batch)
                 finally:
-                    self._settle()
+                    self._settle(time.perf_counter() - t0)
 
-    def _settle(self) -> None:
-        """After a step: mark finished works' sessions idle; free the pages of closed ones."""
+    def _settle(self, step_s: float) -> None:
+        """After a step: mark finished works' sessions idle (unless they already queued their
+        next work); free the pages of closed ones; note who took part, for the next wait."""
         with self.cv:
+            self.step_s += STEP_EMA * (step_s - self.step_s) if self.step_s else step_s
+            queued = {id(p.seq) for p in self.pending}
+            now = time.perf_counter_ns()
+            self.last = []
             for w in self.running:
                 if w.future.done():
-                    w.seq.busy = False
-                    if w.seq.closing and w.seq.slots.pages:
-                        self.store.release(w.seq.slots)
+                    if id(w.seq) not in queued:
+                        w.seq.busy = False
+                    if w.seq.closing:
+                        if w.seq.slots.pages:
+                            self.store.release(w.seq.slots)
+                        continue
+                    r = self.returns.setdefault(w.seq, Return())
+                    r.done_ns, r.out = now, True
+                    self.last.append(w.seq)
             self.running = []
+
+    def _coalesce(self) -> int | None:
+        """Before a step (under the cv lock): wait for the sessions of the last step that have
+        not queued their next work yet, so that sessions taking turns (a round trip through the
+        coordinator between two verifies, an event-loop hop between two draft steps) share a
+        step instead of alternating. At most min(--max-batch-wait-ms, WAIT_FRACTION of the
+        recent step time), ended as soon as every one of them has queued or closed; only for
+        sessions that usually come back within that time (``Return.quick``). A session that
+        does not come back is waited for once: it is not of the step that follows. Returns the
+        time waited in ns, or None when there was nothing to wait for."""
+        last, self.last = self.last, []
+        if self.closed or not self.max_batch_wait_s:
+            return None
+        budget = int(min(self.max_batch_wait_s, WAIT_FRACTION * self.step_s) * 1e9)
+        self._returned(budget)
+        expected = [s for s in last if self.returns[s].out and not s.closing
+                    and self.returns[s].quick >= RETURN_MIN]
+        queued = sum(len(w.tokens) - w.fed for w in self.pending)
+        if budget <= 0 or not expected or queued >= self.max_batch_tokens:
+            return None
+        t0 = time.perf_counter_ns()
+        deadline = t0 + budget
+        while not self.closed:
+            left = deadline - time.perf_counter_ns()
+            if left <= 0 or all(s.closing or not self.returns[s].out for s in expected):
+                break
+            self.cv.wait(left / 1e9)  # submit() notifies
+            self._returned(budget)
+        waited = time.perf_counter_ns() - t0
+        self.waits += 1
+        self.wait_ns += waited
+        return waited
+
+    def _returned(self, budget_ns: int) -> None:
+        """Note the sessions whose next work has arrived, and whether it came within the wait."""
+        for w in self.pending:
+            r = self.returns.get(w.seq)
+            if r is not None and r.out:
+                r.out = False
+                r.quick += RETURN_EMA * ((w.submitted_ns - r.done_ns <= budget_ns) - r.quick)
 
     def _take(self) -> list[tuple[Work, int]]:
         """The works of the next step and how many tokens each feeds (under the cv lock)."""
@@ -376,7 +460,9 @@ def describe_engine(engine: Engine) -> str:
     s = engine.store
     return (f"engine: batched{', compiled' if engine.compiled else ''}, KV store {s.tokens} tokens x {s.bytes_per_token} B "
             f"({s.tokens * s.bytes_per_token / 2**20:.0f} MiB), {engine.max_batch_tokens} "
-            "tokens per step")
+            "tokens per step, "
+            + (f"waits up to {engine.max_batch_wait_s * 1e3:g} ms for the last step's sessions"
+               if engine.max_batch_wait_s else "no coalescing wait"))
 
 
 COMPILE_CHOICES = ("auto", "on", "off")

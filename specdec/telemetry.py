@@ -121,6 +121,7 @@ def otlp_configured() -> bool:
 
 SMALL_COUNTS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64]
 SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+WAIT_SECONDS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
 TOKEN_COUNTS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 
 
@@ -165,6 +166,10 @@ class Metrics:
         self.queue_wait = h("pearl_engine_queue_wait", unit="s",
                             explicit_bucket_boundaries_advisory=SECONDS,
                             description="Time a session's forward waited for its engine step")
+        self.batch_wait = h("pearl_engine_batch_wait", unit="s",
+                            explicit_bucket_boundaries_advisory=WAIT_SECONDS,
+                            description="Time an engine step waited for the sessions of the last "
+                                        "step to come back (--max-batch-wait-ms)")
         self.active_sessions = m.create_up_down_counter(
             "pearl_active_sessions", description="Sessions (coordinator: requests) open now")
 
@@ -269,6 +274,11 @@ class Telemetry:
             self.metrics.batch_rows.record(rows)
             self.metrics.batch_tokens.record(tokens)
             self.metrics.step_latency.record(step_ns / 1e9)
+
+    def engine_wait(self, wait_ns: int) -> None:
+        """A coalescing wait before a step of this service's engine (``Engine.on_wait``)."""
+        if self.metrics is not None:
+            self.metrics.batch_wait.record(wait_ns / 1e9)
 
     def force_flush(self) -> None:
         if self.tracer_provider is not None:

@@ -5,7 +5,12 @@ import logging
 import grpc
 
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
-from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, DEFAULT_TREE_NODES
+from specdec.defaults import (
+    DEFAULT_IDLE_S,
+    DEFAULT_MAX_BATCH_WAIT_MS,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_TREE_NODES,
+)
 from specdec.engine import (
     DEFAULT_KV_CACHE_TOKENS,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -50,12 +55,15 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                  tree_nodes: int = DEFAULT_TREE_NODES,
                  kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS, compile: str = "auto"):
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, compile: str = "auto",
+                 max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS):
         self.loaded = loaded
         # one batched forward per step over every session's work (specdec/engine.py)
         self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "target",
-                             compile=compile_steps(compile, loaded.device))
+                             compile=compile_steps(compile, loaded.device),
+                             max_batch_wait_ms=max_batch_wait_ms)
         self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
+        self.engine.on_wait = lambda ns: self.telemetry.engine_wait(ns)
         self.runner = ModelRunner("target", max_sessions or 256)
         self.live = 0
         self.transfer = transfer
@@ -148,10 +156,11 @@ async def serve(loaded, port: int, host: str = "[::]", tls: ServerTLS | None = N
                 max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S,
                 transfer: Transfer | None = None, tree_nodes: int = DEFAULT_TREE_NODES,
                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: str = "auto"
+                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: str = "auto",
+                max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS
                 ) -> tuple[Server, TargetServicer]:
     servicer = TargetServicer(loaded, transfer, tree_nodes, kv_cache_tokens, max_batch_tokens,
-                              max_sessions, compile)
+                              max_sessions, compile, max_batch_wait_ms)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
                     label="target service", max_sessions=max_sessions)
