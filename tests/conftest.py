@@ -1,4 +1,6 @@
+import copy
 import os
+import random
 import sys
 import time
 
@@ -10,7 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 sys.path.insert(0, os.path.dirname(__file__))
 
 from cluster import Cluster  # noqa: E402
+from pearl.transfer_train import train  # noqa: E402
 from specdec.models import LoadedModel, noisy_copy, tiny_loaded  # noqa: E402, F401
+from target_service.hidden_transfer.layers import Transfer  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -35,6 +39,50 @@ def tiny_draft(tiny_target) -> LoadedModel:
 @pytest.fixture(scope="session")
 def cluster(tiny_draft, tiny_target):
     c = Cluster(tiny_draft, tiny_target)
+    yield c
+    c.close()
+
+
+# -- Hidden Transfer: one tiny target, its transfer layers trained once a session ----------------
+
+HT_VOCAB, HT_K, HT_LAYER = 64, 3, 2
+
+
+def ht_prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, HT_VOCAB) for _ in range(length)] for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def ht_target() -> LoadedModel:
+    """A tiny target with a sharpened LM head: its next token depends on the context strongly
+    enough for transfer layers to learn something in a second of training (a random model's
+    near-uniform distributions would leave nothing to learn). Shared by the session: a test that
+    changes it changes its own deep copy."""
+    loaded = tiny_loaded(5, vocab_size=HT_VOCAB, num_layers=4)
+    with torch.no_grad():
+        loaded.model.lm_head.weight.mul_(10)
+    return loaded
+
+
+@pytest.fixture(scope="session")
+def ht_trained(ht_target) -> Transfer:
+    """Transfer layers for ``ht_target``, trained once a session; shared, so read-only: a service
+    gets its own copy (``hidden_transfer_cluster``)."""
+    return train(ht_target, ht_prompts(24, 8, 0), HT_LAYER, HT_K, 16, new_tokens=40, epochs=6,
+                 lr=1e-2, progress=False)
+
+
+def hidden_transfer_cluster(target: LoadedModel, transfer: Transfer) -> Cluster:
+    """A target-only cluster serving hidden transfer. The target servicer moves the layers to its
+    device and dtype in place, so it is handed a deep copy: the shared fixture stays as trained."""
+    return Cluster(None, target, target_kw={"transfer": copy.deepcopy(transfer),
+                                            "tree_nodes": 10})
+
+
+@pytest.fixture(scope="module")
+def transfer_cluster(ht_target, ht_trained):
+    c = hidden_transfer_cluster(ht_target, ht_trained)
     yield c
     c.close()
 

@@ -1,50 +1,23 @@
-"""Hidden Transfer: tree attention, KV compaction, training, and the mode end to end (tiny models).
-
-The tiny target has a sharpened LM head, so its next token depends on the context strongly enough
-for transfer layers to learn something in a second of training (a random model's near-uniform
-distributions would leave nothing to learn).
-"""
+"""Hidden Transfer: tree attention, KV compaction, training, and the mode end to end (tiny models:
+``ht_target`` and ``ht_trained`` in conftest.py)."""
 
 import random
 
 import grpc
 import pytest
 import torch
-from conftest import greedy_reference
+from conftest import HT_K as K, HT_LAYER as LAYER, HT_VOCAB as V, greedy_reference
+from conftest import ht_prompts as random_prompts
 
 from pearl.client import Client
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
-from specdec.models import tiny_loaded
 from specdec.sampling import Sampling
-from pearl.transfer_train import RANKS, TreeKV, logits, train, tree_forward
+from pearl.transfer_train import RANKS, TreeKV, logits, tree_forward
 from target_service.hidden_transfer.layers import Transfer, TransferLayers
 from target_service.hidden_transfer.session import HiddenTransferSession
 from target_service.hidden_transfer.tree import chain_paths, tree_paths
 from target_service.verifier import TargetSession
-
-from cluster import Cluster
-
-V, K, LAYER = 64, 3, 2
-
-
-@pytest.fixture(scope="module")
-def ht_target():
-    loaded = tiny_loaded(5, vocab_size=V, num_layers=4)
-    with torch.no_grad():
-        loaded.model.lm_head.weight.mul_(10)
-    return loaded
-
-
-def random_prompts(n: int, length: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(1, V) for _ in range(length)] for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def trained(ht_target) -> Transfer:
-    return train(ht_target, random_prompts(24, 8, 0), LAYER, K, 16, new_tokens=40, epochs=6,
-                 lr=1e-2, progress=False)
 
 
 def prefilled(model, transfer, prompt: list[int]) -> TreeKV:
@@ -64,8 +37,8 @@ def branch(parents: list[int], tokens: list[int], j: int) -> list[int]:
 
 
 @torch.inference_mode()
-def test_tree_logits_equal_each_branch_run_as_a_sequence(ht_target, trained):
-    model, tr = ht_target.model, trained.layers
+def test_tree_logits_equal_each_branch_run_as_a_sequence(ht_target, ht_trained):
+    model, tr = ht_target.model, ht_trained.layers
     prompt = random_prompts(1, 9, 1)[0]
     rng = random.Random(3)
     parents = [-1] + [rng.randrange(0, j) for j in range(1, 14)]  # a random tree of 14 nodes
@@ -86,10 +59,10 @@ def test_tree_logits_equal_each_branch_run_as_a_sequence(ht_target, trained):
 
 
 @torch.inference_mode()
-def test_kv_compaction_equals_recomputing(ht_target, trained):
-    model, tr = ht_target.model, trained.layers
+def test_kv_compaction_equals_recomputing(ht_target, ht_trained):
+    model, tr = ht_target.model, ht_trained.layers
     prompt = random_prompts(1, 7, 2)[0]
-    paths = tree_paths(trained.rank_acceptance, 10, K)
+    paths = tree_paths(ht_trained.rank_acceptance, 10, K)
     s = HiddenTransferSession(model, tr, paths, prompt, 1024)
     s.start()
     accepted = 0
@@ -125,28 +98,28 @@ def run_session(model, tr, paths, prompt, n, sampling=Sampling()) -> tuple[list[
 
 
 @pytest.mark.parametrize("shape", ["chain", "trained", "wide"])
-def test_greedy_output_equals_generate(ht_target, trained, shape):
+def test_greedy_output_equals_generate(ht_target, ht_trained, shape):
     model = ht_target.model
-    paths = {"chain": chain_paths(K), "trained": tree_paths(trained.rank_acceptance, 10, K),
+    paths = {"chain": chain_paths(K), "trained": tree_paths(ht_trained.rank_acceptance, 10, K),
              "wide": [(r,) for r in range(8)] + [(r, s) for r in range(3) for s in range(3)]
              }[shape]
     saved = 0
     for prompt in random_prompts(4, 6, 9):
         for n in (1, 7, 30):
-            out, forwards, _ = run_session(model, trained.layers, paths, prompt, n)
+            out, forwards, _ = run_session(model, ht_trained.layers, paths, prompt, n)
             assert out == greedy_reference(ht_target, prompt, n), (shape, prompt, n)
             saved += n - forwards
     assert saved > 0, "the trained drafts never saved a forward pass"
 
 
-def test_seeded_sampling_equals_the_target_alone(ht_target, trained):
+def test_seeded_sampling_equals_the_target_alone(ht_target, ht_trained):
     """Each position is drawn from the target's own distribution with the draw ar uses."""
     model = ht_target.model
-    paths = tree_paths(trained.rank_acceptance, 10, K)
+    paths = tree_paths(ht_trained.rank_acceptance, 10, K)
     for seed in (1, 2, 3):
         sampling = Sampling(temperature=0.8, top_k=20, seed=seed)
         prompt = random_prompts(1, 6, seed)[0]
-        out, _, _ = run_session(model, trained.layers, paths, prompt, 24, sampling)
+        out, _, _ = run_session(model, ht_trained.layers, paths, prompt, 24, sampling)
         ar = TargetSession(model, prompt, 1024, sampling)
         ref = [ar.start(True).token_id]
         while len(ref) < 24:
@@ -154,23 +127,23 @@ def test_seeded_sampling_equals_the_target_alone(ht_target, trained):
         assert out == ref
 
 
-def test_training_reduces_held_out_kl(trained):
-    info = trained.info
+def test_training_reduces_held_out_kl(ht_trained):
+    info = ht_trained.info
     assert info["held_out_kl_after"] < 0.97 * info["held_out_kl_before"], info
-    acc = trained.rank_acceptance
+    acc = ht_trained.rank_acceptance
     assert len(acc) == K and all(len(row) == RANKS for row in acc)
     assert acc[0][0] > max(acc[0][1:]), "the top candidate should be the most often right"
 
 
-def test_save_and_load_round_trip(tmp_path, ht_target, trained):
+def test_save_and_load_round_trip(tmp_path, ht_target, ht_trained):
     path = tmp_path / "t.safetensors"
-    trained.save(path)
+    ht_trained.save(path)
     back = Transfer.load(path)
     assert (back.layers.layer, back.layers.k, back.layers.rank) == (LAYER, K, 16)
-    assert back.rank_acceptance == trained.rank_acceptance and back.info == trained.info
+    assert back.rank_acceptance == ht_trained.rank_acceptance and back.info == ht_trained.info
     h = torch.randn(3, ht_target.model.config.hidden_size)
     # weights are stored in bfloat16: equal to that precision
-    torch.testing.assert_close(back.layers(h), trained.layers(h), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(back.layers(h), ht_trained.layers(h), atol=3e-2, rtol=3e-2)
     (tmp_path / "bad.safetensors").write_bytes(path.read_bytes()[:100])
     with pytest.raises(Exception):
         Transfer.load(tmp_path / "bad.safetensors")
@@ -194,15 +167,8 @@ def test_untrained_layers_copy_the_state_forward():
 # -- the mode through real gRPC services on loopback ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ht_cluster(ht_target, trained):
-    c = Cluster(None, ht_target, target_kw={"transfer": trained, "tree_nodes": 10})
-    yield c
-    c.close()
-
-
-def test_mode_end_to_end_is_lossless(ht_cluster, ht_target):
-    with Client(ht_cluster.address) as c:
+def test_mode_end_to_end_is_lossless(transfer_cluster, ht_target):
+    with Client(transfer_cluster.address) as c:
         fewer = 0
         for prompt in random_prompts(3, 8, 21):
             r = c.complete(prompt, mode="hidden-transfer", max_new_tokens=32, ignore_eos=True)
@@ -215,13 +181,13 @@ def test_mode_end_to_end_is_lossless(ht_cluster, ht_target):
             assert s["tokens_per_target_forward"] == pytest.approx(32 / s["target_forwards"])
         assert fewer, "hidden transfer never committed more than one token per forward"
         info = pearl_pb2_grpc.TargetServiceStub(grpc.insecure_channel(
-            ht_cluster.target_address)).GetModelInfo(pb.ModelInfoRequest())
+            transfer_cluster.target_address)).GetModelInfo(pb.ModelInfoRequest())
         assert info.hidden_transfer.startswith(f"layer {LAYER}, k {K}")
 
 
-def test_mode_sampling_matches_ar_with_the_same_seed(ht_cluster):
+def test_mode_sampling_matches_ar_with_the_same_seed(transfer_cluster):
     prompt = random_prompts(1, 8, 5)[0]
-    with Client(ht_cluster.address) as c:
+    with Client(transfer_cluster.address) as c:
         runs = {m: c.complete(prompt, mode=m, max_new_tokens=24, temperature=0.9, seed=11,
                               ignore_eos=True).token_ids for m in ("ar", "hidden-transfer")}
     assert runs["ar"] == runs["hidden-transfer"]
@@ -246,8 +212,9 @@ def test_mode_refused_without_transfer_layers(cluster):
     (pb.VerifyWindow(position=9, held=True), "held"),
     (pb.VerifyWindow(position=4), "position=4"),
 ])
-def test_bad_windows_in_a_hidden_transfer_session(ht_cluster, window, message):
-    stub = pearl_pb2_grpc.TargetServiceStub(grpc.insecure_channel(ht_cluster.target_address))
+def test_bad_windows_in_a_hidden_transfer_session(transfer_cluster, window, message):
+    stub = pearl_pb2_grpc.TargetServiceStub(
+        grpc.insecure_channel(transfer_cluster.target_address))
     reqs = [pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=list(range(1, 9)), first_token=True,
                                                   hidden_transfer=True)),
             pb.VerifyRequest(window=window)]
@@ -257,8 +224,9 @@ def test_bad_windows_in_a_hidden_transfer_session(ht_cluster, window, message):
     assert message in e.value.details()
 
 
-def test_start_without_first_token_is_refused(ht_cluster):
-    stub = pearl_pb2_grpc.TargetServiceStub(grpc.insecure_channel(ht_cluster.target_address))
+def test_start_without_first_token_is_refused(transfer_cluster):
+    stub = pearl_pb2_grpc.TargetServiceStub(
+        grpc.insecure_channel(transfer_cluster.target_address))
     start = pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=[1, 2], hidden_transfer=True))
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Verify(iter([start])))

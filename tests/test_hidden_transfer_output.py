@@ -3,58 +3,27 @@ the stop falls inside a step that commits several tokens at once, and its sample
 the target's exact distribution (chi-square, top-k 4, the first three tokens)."""
 
 import copy
-import random
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from chi2 import chi2_pvalue, exact_joint, sample_joint
-from cluster import Cluster
-from conftest import greedy_reference
+from conftest import greedy_reference, hidden_transfer_cluster
 from pearl.client import Client
-from specdec.models import LoadedModel, noisy_copy, tiny_loaded
-from pearl.transfer_train import train
+from specdec.models import noisy_copy
 
-V, K, LAYER = 64, 3, 2
 PROMPT = [7, 3, 22, 41, 9, 13, 2, 30]
 
 
-@pytest.fixture(scope="module")
-def ht_target():
-    loaded = tiny_loaded(5, vocab_size=V, num_layers=4)
-    with torch.no_grad():
-        loaded.model.lm_head.weight.mul_(10)
-    return loaded
-
-
-@pytest.fixture(scope="module")
-def trained(ht_target):
-    rng = random.Random(0)
-    prompts = [[rng.randrange(1, V) for _ in range(8)] for _ in range(24)]
-    return train(ht_target, prompts, LAYER, K, 16, new_tokens=40, epochs=6, lr=1e-2,
-                 progress=False)
-
-
-def ht_cluster(target, trained) -> Cluster:
-    return Cluster(None, target, target_kw={"transfer": trained, "tree_nodes": 10})
-
-
-@pytest.fixture(scope="module")
-def cluster(ht_target, trained):
-    c = ht_cluster(ht_target, trained)
-    yield c
-    c.close()
-
-
-def test_eos_ends_hidden_transfer(ht_target, trained):
+def test_eos_ends_hidden_transfer(ht_target, ht_trained):
     ref = greedy_reference(ht_target, PROMPT, 40)
     eos = ref[12]
     first = ref.index(eos)
-    target = copy.copy(ht_target)
-    target.model = copy.deepcopy(ht_target.model)
+    # ht_target is shared by the session: the new eos goes to a copy of its model
+    target = dataclasses.replace(ht_target, model=copy.deepcopy(ht_target.model))
     target.model.generation_config.eos_token_id = eos
-    c = ht_cluster(LoadedModel(**vars(target)), trained)
+    c = hidden_transfer_cluster(target, ht_trained)
     try:
         with Client(c.address) as cl:
             r = cl.complete(PROMPT, mode="hidden-transfer", max_new_tokens=40)
@@ -67,12 +36,12 @@ def test_eos_ends_hidden_transfer(ht_target, trained):
 
 
 @pytest.mark.parametrize("k", [9, 17, 26])
-def test_stop_string_ends_hidden_transfer(cluster, ht_target, k):
+def test_stop_string_ends_hidden_transfer(transfer_cluster, ht_target, k):
     ref = greedy_reference(ht_target, PROMPT, 40)
     tok = ht_target.tokenizer
     stop = tok.decode(ref[k:k + 2])
     full = tok.decode(ref)
-    with Client(cluster.address) as cl:
+    with Client(transfer_cluster.address) as cl:
         r = cl.complete(PROMPT, mode="hidden-transfer", max_new_tokens=40, stop=[stop])
     assert r.stats["finish_reason"] == "stop"
     assert r.text == full[:full.find(stop)]
@@ -81,7 +50,7 @@ def test_stop_string_ends_hidden_transfer(cluster, ht_target, k):
 
 
 @pytest.mark.slow  # 1500 requests: ~30 s on two loaded cores
-def test_chi_square_hidden_transfer_sampling(cluster, ht_target):
+def test_chi_square_hidden_transfer_sampling(transfer_cluster, ht_target):
     n, top_k = 1500, 4
     joint = exact_joint(ht_target.model, PROMPT, 3, 1.0, top_k)
     other = noisy_copy(ht_target, 3, 0.3)
@@ -90,7 +59,7 @@ def test_chi_square_hidden_transfer_sampling(cluster, ht_target):
     assert control < 1e-6, f"the test has no power: noisy-model p-value {control:.2e}"
 
     def one(seed):
-        with Client(cluster.address) as c:
+        with Client(transfer_cluster.address) as c:
             r = c.complete(PROMPT, mode="hidden-transfer", max_new_tokens=3, temperature=1.0,
                            top_k=top_k, seed=seed, ignore_eos=True)
         return tuple(r.token_ids), r.stats
