@@ -1,9 +1,13 @@
 """The engine's KV store: preallocated pages shared by every live session of one model.
 
-    k, v   [layers, pages, kv_heads, page_size, head_dim]   allocated once, at start-up
+    k, v   per layer: [(pages + 1) * page_size, kv_heads, head_dim]   allocated once, at start-up
     Slots  one session's block table (page ids, in order) and how many tokens it has cached
 
-A session's token at slot s lives in page ``pages[s // page_size]`` at offset ``s % page_size``.
+A session's token at slot s lives in page ``pages[s // page_size]`` at offset ``s % page_size``:
+row ``page * page_size + offset`` of each layer's K and V. One tensor per layer (not one for
+all) so that a compiled step can write a layer's cache in place as a whole graph input
+(specdec/static_step.py). The last page is never handed out: compiled steps write their padding
+there and read it for padded rows.
 Rolling back is a length change (``Slots.cached``); no per-step concatenation or copy of the
 cache. When the store has no free page left, ``reserve`` raises ``StoreFull`` for that session
 only: its neighbours' pages are never touched.
@@ -41,13 +45,14 @@ class KVStore:
                  dtype: torch.dtype, device: torch.device, page_size: int = PAGE_SIZE):
         self.page_size = page_size
         self.pages = max(1, -(-tokens // page_size))
-        shape = (layers, self.pages, kv_heads, page_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.trash = self.pages  # the padding page (never in ``free``)
+        shape = ((self.pages + 1) * page_size, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.device = device
         self.free = list(range(self.pages - 1, -1, -1))  # a stack: low page ids first
         self.lock = threading.Lock()
-        self.bytes_per_token = 2 * layers * kv_heads * head_dim * self.k.element_size()
+        self.bytes_per_token = 2 * layers * kv_heads * head_dim * self.k[0].element_size()
 
     @property
     def tokens(self) -> int:
@@ -76,31 +81,25 @@ class KVStore:
         slots.pages = []
         slots.cached = 0
 
+    def rows(self, slots: Slots, s: torch.Tensor) -> torch.Tensor:
+        """The rows of every layer's K and V that hold a session's slots ``s``."""
+        return slots.table(self.device)[s // self.page_size] * self.page_size + s % self.page_size
+
     def write(self, layer: int, slots: Slots, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [n, kv_heads, head_dim] into slots start..start+n-1 of one layer."""
-        s = torch.arange(start, start + k.shape[0], device=self.device)
-        page = slots.table(self.device)[s // self.page_size]
-        off = s % self.page_size
-        self.k[layer, page, :, off] = k
-        self.v[layer, page, :, off] = v
+        at = self.rows(slots, torch.arange(start, start + k.shape[0], device=self.device))
+        self.k[layer][at], self.v[layer][at] = k, v
 
     def read(self, layer: int, slots: Slots, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [kv_heads, length, head_dim] of slots 0..length-1 of one layer."""
-        n = -(-length // self.page_size)
-        table = slots.table(self.device)[:n]
-        kvh, hd = self.k.shape[2], self.k.shape[4]
-        k = self.k[layer, table].transpose(0, 1).reshape(kvh, n * self.page_size, hd)
-        v = self.v[layer, table].transpose(0, 1).reshape(kvh, n * self.page_size, hd)
-        return k[:, :length], v[:, :length]
+        at = self.rows(slots, torch.arange(length, device=self.device))
+        return self.k[layer][at].transpose(0, 1), self.v[layer][at].transpose(0, 1)
 
     def move(self, slots: Slots, src: list[int], dst: int) -> None:
         """Copy slots ``src`` (every layer) to dst, dst+1, ... (Hidden Transfer's compaction)."""
         if src == list(range(dst, dst + len(src))):
             return
-        table = slots.table(self.device)
-        s = torch.tensor(src, device=self.device)
-        d = torch.arange(dst, dst + len(src), device=self.device)
-        sp, so = table[s // self.page_size], s % self.page_size
-        dp, do = table[d // self.page_size], d % self.page_size
-        for cache in (self.k, self.v):
-            cache[:, dp, :, do] = cache[:, sp, :, so].clone()
+        s = self.rows(slots, torch.tensor(src, device=self.device))
+        d = self.rows(slots, torch.arange(dst, dst + len(src), device=self.device))
+        for cache in (*self.k, *self.v):
+            cache[d] = cache[s]  # advanced indexing reads a copy first
