@@ -106,12 +106,8 @@ class _Batch:
 
 
 @torch.inference_mode()
-def forward(model: torch.nn.Module, store: KVStore, rows: list[Row],
-            dense: "Dense | None" = None) -> None:
+def forward(model: torch.nn.Module, store: KVStore, rows: list[Row]) -> None:
     """Run ``rows`` through the model; fill each row's ``out`` (or set ``aborted``).
-
-    ``dense`` (compiled steps, ``--compile``) runs the per-token math around attention as two
-    compiled functions instead of the model's modules; attention and the cache stay as they are.
 
     Each row's K/V are written to its slots P.. (its ``slots.cached`` stays as it was: the caller
     commits the length); the caller has reserved those slots (``Engine._step``, which refuses a
@@ -131,7 +127,7 @@ def forward(model: torch.nn.Module, store: KVStore, rows: list[Row],
             return
         if li == pseudo_layer:
             b = _grow(b, mask_of)
-        b.h = _layer(model, li, b, store, mask_of, dense)
+        b.h = _layer(model, li, b, store, mask_of)
     h = m.norm(b.h)
     idx = torch.tensor([a + i for r, (a, _) in zip(b.rows, b.spans) for i in r.keep],
                        dtype=torch.long, device=dev)
@@ -154,21 +150,17 @@ def _without_aborted(b: _Batch) -> _Batch | None:
     return b.select([i for i in range(len(b.rows)) if i not in gone])
 
 
-def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict,
-           dense: "Dense | None") -> torch.Tensor:
+def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict) -> torch.Tensor:
     """Decoder layer ``li`` over the batch: the new hidden states [T, hidden]."""
     cfg, layer = model.config, model.model.layers[li]
     heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     cos, sin = (t[0] for t in model.model.rotary_emb(b.h[None], b.pos[None]))
     at, T = layer.self_attn, b.h.shape[0]
-    if dense is not None:
-        q, k, v = dense.into_attention(li, b.h, cos, sin)
-    else:
-        x = layer.input_layernorm(b.h)
-        q = _rope(at.q_proj(x).view(T, heads, hd), cos, sin)
-        k = _rope(at.k_proj(x).view(T, kvh, hd), cos, sin)
-        v = at.v_proj(x).view(T, kvh, hd)
+    x = layer.input_layernorm(b.h)
+    q = _rope(at.q_proj(x).view(T, heads, hd), cos, sin)
+    k = _rope(at.k_proj(x).view(T, kvh, hd), cos, sin)
+    v = at.v_proj(x).view(T, kvh, hd)
     outs = []
     for r, (a, e) in zip(b.rows, b.spans):  # attention per row, against its own pages only
         P = r.slots.cached
@@ -180,8 +172,6 @@ def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict,
             attn_mask=None if mk is None else mk[None, None], enable_gqa=kvh != heads,
             scale=at.scaling)
         outs.append(o[0].transpose(0, 1).reshape(e - a, heads * hd))
-    if dense is not None:
-        return dense.out_of_attention(li, b.h, torch.cat(outs))
     h = b.h + at.o_proj(torch.cat(outs))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
@@ -213,80 +203,3 @@ def _grow(b: _Batch, mask_of: dict) -> _Batch:
         r._grown = True
         mask_of[id(r)] = pz.high.to(b.h.device)
     return _Batch(b.rows, torch.cat(hs), torch.cat(ps))
-
-
-# -- compiled steps (--compile) ------------------------------------------------------------------
-
-
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama/Qwen2 RMSNorm: in float32, scaled by the weight in the input dtype."""
-    f = x.float()
-    return w * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _into(h, ln, eps, qw, qb, kw, kb, vw, vb, cos, sin, heads: int, kvh: int, hd: int):
-    """Pre-attention norm, projections and rotary embedding of every token of a step."""
-    x = _rms_norm(h, ln, eps)
-    T = h.shape[0]
-    q = _rope(F.linear(x, qw, qb).view(T, heads, hd), cos, sin)
-    k = _rope(F.linear(x, kw, kb).view(T, kvh, hd), cos, sin)
-    return q, k, F.linear(x, vw, vb).view(T, kvh, hd)
-
-
-def _out(h, o, ow, ob, ln, eps, gw, gb, uw, ub, dw, db):
-    """Output projection, residual, post-attention norm, gated SiLU MLP, residual."""
-    h = h + F.linear(o, ow, ob)
-    x = _rms_norm(h, ln, eps)
-    return h + F.linear(F.silu(F.linear(x, gw, gb)) * F.linear(x, uw, ub), dw, db)
-
-
-def compilable(model: torch.nn.Module) -> bool:
-    return supports(model) and getattr(model.config, "hidden_act", "") == "silu"
-
-
-class Dense:
-    """The per-token math around attention as two ``torch.compile``d functions, shared by all
-    layers (the weights are arguments, so one graph serves every layer).
-
-    On CUDA they are compiled with ``mode="reduce-overhead"`` (CUDA graphs) over static shapes:
-    a step's token count is padded up to a bucket (``BUCKETS``) so that each bucket is captured
-    once and replayed. On the CPU they are compiled with dynamic shapes (no padding)."""
-
-    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-
-    def __init__(self, model: torch.nn.Module):
-        cfg = model.config
-        self.heads, self.kvh = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.layers = model.model.layers
-        self.cuda = next(model.parameters()).device.type == "cuda"
-        kw = dict(mode="reduce-overhead", dynamic=False) if self.cuda else dict(dynamic=True)
-        self._into = torch.compile(_into, **kw)
-        self._out = torch.compile(_out, **kw)
-
-    def _pad(self, *xs: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
-        T = xs[0].shape[0]
-        if not self.cuda:
-            return T, list(xs)
-        n = next((b for b in self.BUCKETS if b >= T), T)
-        return T, [torch.cat([x, x.new_zeros((n - T, *x.shape[1:]))]) if n > T else x
-                   for x in xs]
-
-    def into_attention(self, li: int, h, cos, sin):
-        layer = self.layers[li]
-        at, ln = layer.self_attn, layer.input_layernorm
-        T, (h, cos, sin) = self._pad(h, cos, sin)
-        q, k, v = self._into(h, ln.weight, ln.variance_epsilon, at.q_proj.weight,
-                             at.q_proj.bias, at.k_proj.weight, at.k_proj.bias,
-                             at.v_proj.weight, at.v_proj.bias, cos, sin, self.heads, self.kvh,
-                             self.hd)
-        return q[:T], k[:T], v[:T]
-
-    def out_of_attention(self, li: int, h, o):
-        layer = self.layers[li]
-        at, ln, mlp = layer.self_attn, layer.post_attention_layernorm, layer.mlp
-        T, (h, o) = self._pad(h, o)
-        out = self._out(h, o, at.o_proj.weight, at.o_proj.bias, ln.weight, ln.variance_epsilon,
-                        mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
-                        mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
-        return out[:T].clone() if self.cuda else out  # a CUDA graph reuses its output buffer

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec import batch_forward
+from specdec import batch_forward, static_step
 from specdec.batch_forward import Pseudo, Row
 from specdec.kv import Aborted, CachedSequence, Forward, TokenIds
 from specdec.kv_store import KVStore, Slots, StoreFull
+from specdec.static_step import StaticStep
 
 log = logging.getLogger("pearl.engine")
 
@@ -94,9 +95,9 @@ class Engine:
         self.store: KVStore | None = (batch_forward.store_for(model, kv_cache_tokens)
                                       if self.batched else None)
         self.max_batch_tokens = max_batch_tokens
-        # compiled steps (--compile): the per-token math as torch.compile'd functions
-        self.dense = (batch_forward.Dense(model) if compile and batch_forward.compilable(model)
-                      else None)
+        # compiled steps (--compile): plain decode/verify steps as one compiled graph
+        self.static = (StaticStep(model, self.store)
+                       if compile and self.batched and static_step.compilable(model) else None)
         self.pending: list[Work] = []
         self.cv = threading.Condition()
         self.closed = False
@@ -117,26 +118,52 @@ class Engine:
         if self.batched:
             self.thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
             self.thread.start()
-        if self.dense is not None:
-            self.warm_up()
 
     @property
     def compiled(self) -> bool:
-        return self.dense is not None
+        return self.static is not None and self.static.broken is None
 
-    def warm_up(self, sizes: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32, 64)) -> float:
-        """Compile (and on CUDA capture) the step shapes ahead of traffic: a scratch session
-        feeds one forward of each size. The servers call this before they serve."""
+    def warm_up(self) -> float:
+        """Compile (and on CUDA record) the compiled step's shapes ahead of traffic. Scratch
+        sessions run through the step loop itself (CUDA graphs belong to the thread that
+        records them): every row bucket up to 16 rows, one and four tokens per row, at a few
+        context lengths. The servers call this before they report SERVING (specdec/serving.py);
+        without compiled steps there is nothing to warm up."""
+        if self.static is None:
+            return 0.0
         t0 = time.perf_counter()
         vocab = self.model.config.vocab_size
-        for n in sizes:
-            if n > self.max_batch_tokens:
-                break
-            seq = self.sequence([i % vocab for i in range(n)])
-            seq.forward()
-            seq.close()
-        log.info("%s engine warmed up in %.1f s", self.name, time.perf_counter() - t0)
-        return time.perf_counter() - t0
+        widths, contexts = (1, 4), ((64, 256, 1024) if self.static.cuda else (64,))
+        rows = [b for b in static_step.ROW_BUCKETS if b <= 16]
+        for cached in (c - 4 for c in contexts):
+            for n in widths:
+                for b in rows:
+                    if b * (cached + n + self.store.page_size) > self.store.free_tokens:
+                        break  # a small store: the shapes it can hold are enough
+                    seqs = [Sequence(self, [], "verify") for _ in range(b)]
+                    try:
+                        for q in seqs:
+                            self.store.reserve(q.slots, cached + n)
+                            q.slots.cached = cached  # scratch K/V: only the shapes matter
+                        self._together([Work(q, "verify", [(i + j) % vocab for j in range(n)],
+                                             list(range(n)), commit=False)
+                                        for i, q in enumerate(seqs)])
+                    finally:
+                        for q in seqs:
+                            q.close()
+        took = time.perf_counter() - t0
+        log.info("%s engine: compiled steps warmed up in %.1f s", self.name, took)
+        return took
+
+    def _together(self, works: list[Work]) -> None:
+        """Run ``works`` in one step (they are queued at once) and wait for all of them."""
+        with self.cv:
+            for w in works:
+                w.seq.busy = True
+            self.pending.extend(works)
+            self.cv.notify()
+        for w in works:
+            w.future.result()
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -319,7 +346,7 @@ class Engine:
         started_unix_ns = time.time_ns()
         t0 = time.perf_counter_ns()
         try:
-            batch_forward.forward(self.model, self.store, [r for _, _, r in rows], self.dense)
+            self._forward([r for _, _, r in rows])
             if self.store.device.type == "cuda":
                 torch.cuda.synchronize(self.store.device)
         except Exception as e:  # a bug or an out-of-memory: fail this step's works, go on
@@ -346,6 +373,20 @@ class Engine:
             w.future.set_result(Forward(
                 r.out, w.seq.start_of(w), len(w.tokens), w.forward_ns, started_unix_ns,
                 batch_rows=len(rows), batch_tokens=tokens, queue_ns=max(0, waited)))
+
+    def _forward(self, rows: list[Row]) -> None:
+        """The compiled step when every row fits it, else the eager one. A compiled step that
+        fails (a backend that cannot build it) is logged once and never tried again."""
+        if self.static is not None and self.static.fits(rows):
+            try:
+                return self.static.forward(rows)
+            except Exception as e:
+                log.exception("%s engine: the compiled step failed; eager steps from now on",
+                              self.name)
+                self.static.broken = e
+                for r in rows:
+                    r.out, r.aborted = None, False
+        batch_forward.forward(self.model, self.store, rows)
 
     def _fail(self, w: Work, e: Exception) -> None:
         with self.cv:

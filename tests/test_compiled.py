@@ -29,12 +29,19 @@ def test_compiled_steps_equal_eager(tiny_draft, tiny_target):
             info = pearl_pb2_grpc.TargetServiceStub(ch).GetModelInfo(pb.ModelInfoRequest())
         assert info.compiled and info.engine == "batched"
         assert c.target.engine.compiled and not c.draft.engine.compiled
+        static = c.target.engine.static
+        warmed = static.steps
+        assert warmed > 0, "the warm-up ran no compiled step"
         with Client(c.address, timeout_s=300) as cl:
             for prompt in PROMPTS:
                 ref = greedy_reference(tiny_target, prompt, 20)
                 for mode in ("ar", "sd", "pearl", "hidden-transfer"):
+                    before = static.steps
                     got = cl.complete(prompt, mode=mode, max_new_tokens=20, gamma=3)
                     assert got.token_ids == ref, f"compiled {mode} diverged"
+                    if mode != "hidden-transfer":  # tree rows run eagerly
+                        assert static.steps > before, f"{mode} never took the compiled step"
+        assert c.target.engine.compiled, f"the compiled step broke: {static.broken!r}"
     finally:
         c.close()
 
