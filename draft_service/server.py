@@ -170,7 +170,9 @@ async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4,
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
                     label="draft service", max_sessions=max_sessions)
     pearl_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.grpc)
-    await server.start(port, host, tls.credentials() if tls else None)
+    # the port opens NOT_SERVING; SERVING once the compiled steps are built (if any)
+    await server.start(port, host, tls.credentials() if tls else None,
+                       warm_up=servicer.engine.warm_up)
     log.info("draft service on port %d (%s; %s%s)", server.port, loaded.name,
              describe_engine(servicer.engine),
              f"; replaying {replay.path} at acceptance {replay.acceptance}" if replay else "")

@@ -54,15 +54,17 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self.limit = limit
         self.active = 0
         self.draining = False
+        self.warming = False  # compiled steps still being built: not ready yet
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if (handler is None or not details.method.startswith(self.prefixes)
                 or not handler.response_streaming):
             return handler
-        if self.draining:
-            return refusing_handler(handler, grpc.StatusCode.UNAVAILABLE,
-                                    f"{self.label} is shutting down")
+        if self.draining or self.warming:
+            why = ("is shutting down" if self.draining else
+                   "is warming up its compiled steps (health NOT_SERVING); retry when it serves")
+            return refusing_handler(handler, grpc.StatusCode.UNAVAILABLE, f"{self.label} {why}")
         inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
         if not inspect.isasyncgenfunction(inner):  # only our async-generator servicers are counted
             return handler
@@ -96,7 +98,7 @@ class LoadReporter:
 
         g = self.guard
         return pearl_pb2.LoadResponse(live_sessions=g.active, max_sessions=g.limit,
-                                      draining=g.draining)
+                                      draining=g.draining or g.warming)
 
 
 def _idle_abort_message(label: str, idle_s: float) -> str:

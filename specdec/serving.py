@@ -95,7 +95,11 @@ class Server:
         self.port = 0
 
     async def start(self, port: int, host: str = "[::]",
-                    credentials: grpc.ServerCredentials | None = None) -> int:
+                    credentials: grpc.ServerCredentials | None = None,
+                    warm_up: Callable[[], Any] | None = None) -> int:
+        """Bind and serve. With ``warm_up`` (an engine's compiled-step warm-up), the port opens
+        first with health NOT_SERVING and sessions refused (UNAVAILABLE), so that probes see a
+        live process that is not ready; ``warm_up`` runs off the event loop, then SERVING."""
         if credentials is None:
             self.port = self.grpc.add_insecure_port(f"{host}:{port}")
         else:  # TLS, or mutual TLS when the credentials require client certificates
@@ -103,6 +107,13 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         await self.grpc.start()
+        if warm_up is not None:
+            self.guard.warming = True
+            await self.set_serving(False)
+            try:
+                await asyncio.to_thread(warm_up)
+            finally:
+                self.guard.warming = False
         await self.set_serving(True)
         return self.port
 

@@ -1,6 +1,7 @@
 import copy
 import os
 import random
+import socket
 import sys
 import time
 
@@ -97,6 +98,12 @@ def until_recovered(call, within_s: float, pause_s: float = 0.3):
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() < deadline, "no recovery after the service came back"
             time.sleep(pause_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def health(address: str) -> int | None:

@@ -6,7 +6,6 @@ SIGTERM drain and the kill/restart faults are in tests/test_faults_processes.py.
 
 import json
 import signal
-import socket
 import time
 import urllib.request
 
@@ -15,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import greedy_reference, health, until_recovered
+from conftest import free_port, greedy_reference, health, until_recovered
 from pearl.client import Client, Result
 from pearl.procs import running
 
@@ -30,12 +29,6 @@ def save(loaded, folder) -> str:
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     return str(folder)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster import Cluster
-from conftest import greedy_reference, until_recovered
+from conftest import free_port, greedy_reference, until_recovered
 from draft_service.server import serve as serve_draft
 from pearl.client import Client, Delta, Result
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
+from specdec.engine import Engine
 from target_service.server import serve as serve_target
 
 PROMPT = [5, 17, 33, 2, 9, 41]
@@ -369,3 +370,42 @@ def test_empty_window_while_held_takes_the_target_token(fresh, tiny_target):
         ref[0], True, 0, L + 1)
     assert (out[2].accepted, out[2].has_token, out[2].committed) == (1, False, L + 2)
     assert (out[3].token_id, out[3].input_tokens, out[3].committed) == (ref[2], 0, L + 3)
+
+
+def test_a_warming_target_is_not_ready_until_its_warm_up_ends(fresh, tiny_target, monkeypatch):
+    """Compiled steps are built at start (``Engine.warm_up``): meanwhile the port is open, health
+    answers NOT_SERVING, and sessions are refused with UNAVAILABLE naming the warm-up, so that
+    Kubernetes sends a cold pod no traffic. Then SERVING, and sessions run."""
+    c = fresh()
+    entered, release = threading.Event(), threading.Event()
+
+    def warm_up(self):
+        entered.set()
+        release.wait(30)
+        return 0.0
+
+    monkeypatch.setattr(Engine, "warm_up", warm_up)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    starting = asyncio.run_coroutine_threadsafe(serve_target(tiny_target, port, "127.0.0.1"),
+                                                c.loop)
+    start = pb.VerifyRequest(start=pb.VerifyStart(prompt_ids=PROMPT, first_token=True))
+    try:
+        assert entered.wait(30), "the server never started its warm-up"
+        assert health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(address) as ch:
+            stub = pearl_pb2_grpc.TargetServiceStub(ch)
+            load = pearl_pb2_grpc.LoadReportStub(ch).GetLoad(pb.LoadRequest(), timeout=5)
+            assert load.draining  # coordinators route around it (coordinator/replicas.py)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Verify(iter([start]), timeout=5))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "warming up" in e.value.details()
+    finally:
+        release.set()
+    server, _ = starting.result(timeout=30)
+    c.servers.append(server)
+    assert health(address) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(address) as ch:
+        first = next(pearl_pb2_grpc.TargetServiceStub(ch).Verify(iter([start]), timeout=10))
+    assert first.result.has_token
