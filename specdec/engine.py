@@ -126,27 +126,32 @@ class Engine:
     def warm_up(self) -> float:
         """Compile (and on CUDA record) the compiled step's shapes ahead of traffic. Scratch
         sessions run through the step loop itself (CUDA graphs belong to the thread that
-        records them): every row bucket up to 16 rows, one and four tokens per row, at a few
-        context lengths. The servers call this before they report SERVING (specdec/serving.py);
-        without compiled steps there is nothing to warm up."""
+        records them): every row bucket up to 16 rows, rows that want every token's logits
+        (verify windows) or only the last one's (a draft catching up). On the CPU the shapes
+        are dynamic, so widths 1, 2, 4 at one context cover every family; on CUDA every width
+        bucket at contexts 64, 256 and 1024 is recorded. The servers call this before they
+        report SERVING (specdec/serving.py); without compiled steps there is nothing to do."""
         if self.static is None:
             return 0.0
         t0 = time.perf_counter()
         vocab = self.model.config.vocab_size
-        widths, contexts = (1, 4), ((64, 256, 1024) if self.static.cuda else (64,))
-        rows = [b for b in static_step.ROW_BUCKETS if b <= 16]
-        for cached in (c - 4 for c in contexts):
-            for n in widths:
-                for b in rows:
-                    if b * (cached + n + self.store.page_size) > self.store.free_tokens:
+        shapes = [(1, 1), (4, 4), (2, 1)]  # (tokens, logits kept) per row
+        contexts = (64,)
+        if self.static.cuda:
+            shapes = [(n, n) for n in static_step.WIDTH_BUCKETS] + [(2, 1)]
+            contexts = (64, 256, 1024)
+        for c in contexts:
+            for n, k in shapes:
+                for b in (b for b in static_step.ROW_BUCKETS if b <= 16):
+                    if b * (c + self.store.page_size) > self.store.free_tokens:
                         break  # a small store: the shapes it can hold are enough
                     seqs = [Sequence(self, [], "verify") for _ in range(b)]
                     try:
                         for q in seqs:
-                            self.store.reserve(q.slots, cached + n)
-                            q.slots.cached = cached  # scratch K/V: only the shapes matter
+                            self.store.reserve(q.slots, c)
+                            q.slots.cached = c - n  # scratch K/V: only the shapes matter
                         self._together([Work(q, "verify", [(i + j) % vocab for j in range(n)],
-                                             list(range(n)), commit=False)
+                                             list(range(n - k, n)), commit=False)
                                         for i, q in enumerate(seqs)])
                     finally:
                         for q in seqs:

@@ -15,9 +15,11 @@ function of a few index tensors, so a GPU replays it as one CUDA graph:
 Padding (rows past the live ones, tokens past a row's own, slots past its pages) reads and writes
 only the store's trash page (specdec/kv_store.py), so it cannot touch a live session's cache.
 
-On CUDA: ``mode="reduce-overhead"`` (CUDA graphs), B, N and C rounded up to buckets so that few
-shapes are ever recorded. On the CPU: dynamic shapes, no buckets (a CPU step is bound by the
-weights' memory traffic, not by launches; the README has the measured difference).
+Compiled with dynamic shapes, so that one compile serves a family of shapes (dynamo specializes
+sizes of 1, so a decode step of one row is a family of its own: a handful in all). On CUDA,
+``mode="reduce-overhead"`` records a CUDA graph per concrete shape, so B, N and C are rounded up
+to buckets first and only a few dozen are ever recorded. On the CPU there is no padding (nothing
+to record); the README has the measured difference to the eager step.
 
 Only plain rows take this path: causal, no tree mask, no pseudo tokens, at most ``MAX_WIDTH``
 tokens (decode steps, draft steps, verify windows). Prefill chunks and Hidden Transfer's trees
@@ -41,6 +43,7 @@ log = logging.getLogger("pearl.engine")
 MAX_WIDTH = 16  # tokens per row: longer rows (prefill chunks) run eagerly
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 WIDTH_BUCKETS = (1, 2, 4, 8, 16)
+RECOMPILE_LIMIT = 64  # shape families compiled per process (all engines), before giving up
 
 
 def compilable(model: torch.nn.Module) -> bool:
@@ -79,12 +82,10 @@ class StaticStep:
         if self.cuda:
             for t in (*store.k, *store.v):  # written in place inside the CUDA graphs
                 torch._dynamo.mark_static_address(t)
-            kw = dict(mode="reduce-overhead", fullgraph=True)
-        else:
-            kw = dict(dynamic=True, fullgraph=True)
-        # one compiled graph per shape family; enough room that a new bucket never falls back
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self._run = torch.compile(self._graph, **kw)
+        # Dynamic shapes on both: one compile per family of shapes (sizes of 1 are their own
+        # family), not one per bucket; on CUDA each bucket is then recorded as its own CUDA graph.
+        self._run = torch.compile(self._graph, dynamic=True, fullgraph=True,
+                                  mode="reduce-overhead" if self.cuda else None)
 
     def fits(self, rows: list[Row]) -> bool:
         """True when every row is a plain causal row short enough for the compiled step."""
@@ -95,6 +96,9 @@ class StaticStep:
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> None:
         """Fill each row's ``out`` (or mark it ``aborted``), as batch_forward.forward does."""
+        # Dynamo's settings are per thread (context variables): this is the engine's thread.
+        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
         store, ps, dev = self.store, self.store.page_size, self.store.device
         B, N = len(rows), max(len(r.tokens) for r in rows)
         K = max(max(len(r.keep) for r in rows), 1)
@@ -124,7 +128,9 @@ class StaticStep:
             keep[b][: len(r.keep)] = r.keep
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         pages_t = t(table)  # [B, pages]
+        # contiguous: a slice's row stride would be a size of its own to guard on
         ctx = (pages_t[:, :, None] * ps + torch.arange(ps, device=dev)).reshape(B, -1)[:, :C]
+        ctx = ctx.contiguous()
         logits = self._run(t(ids), t(pos), t(at), ctx, t(limit), t(keep), store.k, store.v)
         logits = logits.view(B, K, -1)
         self.steps += 1

@@ -3,15 +3,19 @@ the eager steps in float32, in every mode, through the services; the service say
 
 On a CPU the compiled functions take a minute or two to build, hence slow."""
 
+import threading
+
 import grpc
 import pytest
+import torch
 
 from cluster import Cluster
 from conftest import greedy_reference
 from pearl.client import Client
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
-from specdec.engine import compile_steps
+from specdec.engine import Engine, compile_steps
+from specdec.models import tiny_model
 from target_service.hidden_transfer.layers import Transfer, TransferLayers
 
 pytestmark = pytest.mark.slow
@@ -46,9 +50,60 @@ def test_compiled_steps_equal_eager(tiny_draft, tiny_target):
         c.close()
 
 
-def test_compile_choice():
-    import torch
+def decode(engine: Engine, prompt: list[int], n: int, width: int) -> list[int]:
+    """Greedy tokens of one session. With ``width`` > 1 each step is a verify window: the new
+    token plus ``width - 1`` guesses (copies of it), of which only the first row is used; the
+    guesses are rolled back (a length change) before the next step."""
+    seq, out = engine.sequence(prompt), []
+    logits = seq.forward().logits
+    while len(out) < n:
+        out.append(int(logits[-1].argmax()))
+        seq.extend([out[-1]] * width)
+        logits = seq.forward(keep=width).logits[:1]
+        seq.truncate(len(seq.ids) - (width - 1))
+    seq.close()
+    return out
 
+
+def sessions_at_once(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Every prompt decoded at once, a thread each (so steps batch them), widths 1, 4, 2, ..."""
+    outs: list = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        outs[i] = decode(engine, prompts[i], n, (1, 4, 2)[i % 3])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outs
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no GPU here: scripts/gpu_check.sh part a runs it"))])
+def test_compiled_engine_equals_eager(device):
+    """Engine level, float32: a compiled engine's greedy tokens are the eager engine's, for
+    sessions alone and six at once, decode rows and verify windows mixed; on CUDA (CUDA graphs,
+    buckets) as on the CPU."""
+    model = tiny_model(3, num_layers=2).to(device)
+    prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + 11 * i)] for i in range(6)]
+    eager, compiled = Engine(model, 2048), Engine(model, 2048, compile=True)
+    try:
+        assert compiled.warm_up() > 0 and compiled.compiled
+        warmed = compiled.static.steps
+        want = [decode(eager, p, 12, 1) for p in prompts]
+        assert [decode(compiled, p, 12, 4) for p in prompts[:2]] == want[:2]
+        assert sessions_at_once(compiled, prompts, 12) == want
+        assert sessions_at_once(eager, prompts, 12) == want
+        assert compiled.static.steps > warmed and compiled.compiled, compiled.static.broken
+    finally:
+        eager.close()
+        compiled.close()
+
+
+def test_compile_choice():
     assert compile_steps("auto", torch.device("cuda")) is True
     assert compile_steps("auto", torch.device("cpu")) is False
     assert compile_steps("on", torch.device("cpu")) is True
