@@ -76,7 +76,7 @@ class Row:
         return self.rope if self.rope is not None else list(range(p, p + len(self.tokens)))
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, hd]; cos, sin [T, hd]."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -158,8 +158,8 @@ def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict) -> torch.Te
     cos, sin = (t[0] for t in model.model.rotary_emb(b.h[None], b.pos[None]))
     at, T = layer.self_attn, b.h.shape[0]
     x = layer.input_layernorm(b.h)
-    q = _rope(at.q_proj(x).view(T, heads, hd), cos, sin)
-    k = _rope(at.k_proj(x).view(T, kvh, hd), cos, sin)
+    q = rope(at.q_proj(x).view(T, heads, hd), cos, sin)
+    k = rope(at.k_proj(x).view(T, kvh, hd), cos, sin)
     v = at.v_proj(x).view(T, kvh, hd)
     outs = []
     for r, (a, e) in zip(b.rows, b.spans):  # attention per row, against its own pages only

@@ -126,23 +126,24 @@ class Engine:
     def warm_up(self) -> float:
         """Compile (and on CUDA record) the compiled step's shapes ahead of traffic. Scratch
         sessions run through the step loop itself (CUDA graphs belong to the thread that
-        records them): every row bucket up to 16 rows, rows that want every token's logits
-        (verify windows) or only the last one's (a draft catching up). On the CPU the shapes
-        are dynamic, so widths 1, 2, 4 at one context cover every family; on CUDA every width
-        bucket at contexts 64, 256 and 1024 is recorded. The servers call this before they
+        records them): 1 to 16 rows, rows that want every token's logits (verify windows) or
+        only the last one's (a draft catching up). On the CPU widths 1, 2, 4 at one context
+        cover every shape family; on CUDA every width bucket at contexts 64, 256 and 1024 is
+        recorded (each a CUDA graph of one compile). The servers call this before they
         report SERVING (specdec/serving.py); without compiled steps there is nothing to do."""
         if self.static is None:
             return 0.0
+        log.info("%s engine: building the compiled steps before serving", self.name)
         t0 = time.perf_counter()
         vocab = self.model.config.vocab_size
         shapes = [(1, 1), (4, 4), (2, 1)]  # (tokens, logits kept) per row
         contexts = (64,)
         if self.static.cuda:
-            shapes = [(n, n) for n in static_step.WIDTH_BUCKETS] + [(2, 1)]
+            shapes = [(n, n) for n in static_step.WIDTH_BUCKETS]  # K is padded like N
             contexts = (64, 256, 1024)
         for c in contexts:
             for n, k in shapes:
-                for b in (b for b in static_step.ROW_BUCKETS if b <= 16):
+                for b in (1, 2, 4, 8, 16):
                     if b * (c + self.store.page_size) > self.store.free_tokens:
                         break  # a small store: the shapes it can hold are enough
                     seqs = [Sequence(self, [], "verify") for _ in range(b)]

@@ -16,10 +16,10 @@ Padding (rows past the live ones, tokens past a row's own, slots past its pages)
 only the store's trash page (specdec/kv_store.py), so it cannot touch a live session's cache.
 
 Compiled with dynamic shapes, so that one compile serves a family of shapes (dynamo specializes
-sizes of 1, so a decode step of one row is a family of its own: a handful in all). On CUDA,
-``mode="reduce-overhead"`` records a CUDA graph per concrete shape, so B, N and C are rounded up
-to buckets first and only a few dozen are ever recorded. On the CPU there is no padding (nothing
-to record); the README has the measured difference to the eager step.
+sizes of 1: on the CPU, where nothing is padded, a one-row or one-token step is a family of its
+own, six in all). On CUDA, ``mode="reduce-overhead"`` records a CUDA graph per concrete shape, so
+B, N, K and C are rounded up to buckets (all >= 2: one compile) and a few dozen graphs are
+recorded. The README has the measured difference to the eager step on the CPU.
 
 Only plain rows take this path: causal, no tree mask, no pseudo tokens, at most ``MAX_WIDTH``
 tokens (decode steps, draft steps, verify windows). Prefill chunks and Hidden Transfer's trees
@@ -30,19 +30,23 @@ drops it between layers); its store writes lie past its cached length and are ne
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 
 from specdec import batch_forward
-from specdec.batch_forward import Row
+from specdec.batch_forward import Row, rope
 from specdec.kv_store import KVStore
 
 log = logging.getLogger("pearl.engine")
 
 MAX_WIDTH = 16  # tokens per row: longer rows (prefill chunks) run eagerly
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-WIDTH_BUCKETS = (1, 2, 4, 8, 16)
+# CUDA buckets start at 2: dynamo compiles a size of 1 as a shape family of its own, so with
+# every size >= 2 one compile serves every step (a padded row or token is nearly free on a GPU)
+ROW_BUCKETS = (2, 4, 8, 16, 32, 64, 128)
+WIDTH_BUCKETS = (2, 4, 8, 16)
 RECOMPILE_LIMIT = 64  # shape families compiled per process (all engines), before giving up
 
 
@@ -50,15 +54,24 @@ def compilable(model: torch.nn.Module) -> bool:
     return batch_forward.supports(model)
 
 
+_thread = threading.local()
+
+
+def _compile_settings() -> None:
+    """Dynamo's settings are context variables, so per thread: set on the thread that runs the
+    steps (the engine's), once."""
+    if getattr(_thread, "set", False):
+        return
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               RECOMPILE_LIMIT)
+    # sizes that happen to be equal at the first call (2 rows of 2 tokens) stay separate sizes,
+    # or the next step of another shape would compile again
+    torch.fx.experimental._config.use_duck_shape = False
+    _thread.set = True
+
+
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, N, heads, hd]; cos, sin [B, N, hd]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
 class StaticStep:
@@ -84,7 +97,10 @@ class StaticStep:
                 torch._dynamo.mark_static_address(t)
         # Dynamic shapes on both: one compile per family of shapes (sizes of 1 are their own
         # family), not one per bucket; on CUDA each bucket is then recorded as its own CUDA graph.
-        self._run = torch.compile(self._graph, dynamic=True, fullgraph=True,
+        # Only the step's index tensors have dynamic sizes (marked in ``forward``): with
+        # ``dynamic=True`` the model's head counts would be symbols too, and guards tying them
+        # to a step size would compile again.
+        self._run = torch.compile(self._graph, fullgraph=True,
                                   mode="reduce-overhead" if self.cuda else None)
 
     def fits(self, rows: list[Row]) -> bool:
@@ -96,9 +112,7 @@ class StaticStep:
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> None:
         """Fill each row's ``out`` (or mark it ``aborted``), as batch_forward.forward does."""
-        # Dynamo's settings are per thread (context variables): this is the engine's thread.
-        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
-            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        _compile_settings()
         store, ps, dev = self.store, self.store.page_size, self.store.device
         B, N = len(rows), max(len(r.tokens) for r in rows)
         K = max(max(len(r.keep) for r in rows), 1)
@@ -131,7 +145,11 @@ class StaticStep:
         # contiguous: a slice's row stride would be a size of its own to guard on
         ctx = (pages_t[:, :, None] * ps + torch.arange(ps, device=dev)).reshape(B, -1)[:, :C]
         ctx = ctx.contiguous()
-        logits = self._run(t(ids), t(pos), t(at), ctx, t(limit), t(keep), store.k, store.v)
+        args = [t(ids), t(pos), t(at), ctx, t(limit), t(keep)]
+        for a in args:  # B, N, K, C: dynamic from the first compile (a size of 1 stays 1)
+            torch._dynamo.maybe_mark_dynamic(a, 0)
+            torch._dynamo.maybe_mark_dynamic(a, 1)
+        logits = self._run(*args, store.k, store.v)
         logits = logits.view(B, K, -1)
         self.steps += 1
         for b, r in enumerate(rows):
@@ -141,30 +159,32 @@ class StaticStep:
                 r.out = logits[b, : len(r.keep)].clone()
 
     def _graph(self, ids, pos, at, ctx, limit, keep, ks, vs):
-        """The whole step; shapes in the module docstring."""
+        """The whole step; shapes in the module docstring. The per-token math runs on the flat
+        [T = B * N, ...] rows (as in the eager step), so that no view keeps B or N beside a
+        model constant: the compiler would guard a step size equal to that constant (two rows
+        and two K/V heads) and compile again for the next size."""
         m, heads, kvh, hd = self.model.model, self.heads, self.kvh, self.hd
         B, N = ids.shape
-        h = m.embed_tokens(ids)  # [B, N, hidden]
-        cos, sin = m.rotary_emb(h, pos)  # [B, N, hd]
+        h = m.embed_tokens(ids.reshape(-1))  # [T, hidden]
+        cos, sin = (c[0] for c in m.rotary_emb(h[None], pos.reshape(1, -1)))  # [T, hd]
         at = at.reshape(-1)
         # a token sees slot c when c <= its limit: [B, 1, N, C]
         mask = (torch.arange(ctx.shape[1], device=ids.device) <= limit[..., None])[:, None]
         for li, layer in enumerate(m.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)
-            q = _rope(a.q_proj(x).view(B, N, heads, hd), cos, sin)
-            k = _rope(a.k_proj(x).view(B, N, kvh, hd), cos, sin)
-            v = a.v_proj(x).view(B, N, kvh, hd)
-            ks[li].index_copy_(0, at, k.reshape(-1, kvh, hd))
-            vs[li].index_copy_(0, at, v.reshape(-1, kvh, hd))
+            q = rope(a.q_proj(x).view(-1, heads, hd), cos, sin)  # [T, heads, hd]
+            k = rope(a.k_proj(x).view(-1, kvh, hd), cos, sin)  # [T, kvh, hd]
+            ks[li].index_copy_(0, at, k)
+            vs[li].index_copy_(0, at, a.v_proj(x).view(-1, kvh, hd))
             K = ks[li][ctx].transpose(1, 2)  # [B, kvh, C, hd]
             V = vs[li][ctx].transpose(1, 2)
             if kvh != heads:  # grouped-query attention: each K/V head serves heads // kvh
                 K = K.repeat_interleave(heads // kvh, dim=1)
                 V = V.repeat_interleave(heads // kvh, dim=1)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask,
-                                               scale=a.scaling)  # [B, heads, N, hd]
-            h = h + a.o_proj(o.transpose(1, 2).reshape(B, N, heads * hd))
+            o = F.scaled_dot_product_attention(q.view(B, N, heads, hd).transpose(1, 2), K, V,
+                                               attn_mask=mask, scale=a.scaling)  # [B, heads, N, hd]
+            h = h + a.o_proj(o.transpose(1, 2).reshape(-1, heads * hd))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = torch.gather(h, 1, keep[..., None].expand(-1, -1, h.shape[-1]))  # [B, K, hidden]
-        return self.model.lm_head(m.norm(h)).float().reshape(-1, self.model.config.vocab_size)
+        rows = (torch.arange(B, device=ids.device)[:, None] * N + keep).reshape(-1)  # [B * K]
+        return self.model.lm_head(m.norm(h[rows])).float()  # [B * K, vocab]
