@@ -385,6 +385,7 @@ def test_a_warming_target_is_not_ready_until_its_warm_up_ends(fresh, tiny_target
         return 0.0
 
     monkeypatch.setattr(Engine, "warm_up", warm_up)
+    monkeypatch.setattr(Engine, "compiled", property(lambda self: True))  # tiny, not compiled
     port = free_port()
     address = f"127.0.0.1:{port}"
     starting = asyncio.run_coroutine_threadsafe(serve_target(tiny_target, port, "127.0.0.1"),
