@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pearl.guard_flags import add_client_flags, add_serve_flags, client_kwargs, serve_kwargs
 from specdec.defaults import (
+    DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_COORDINATOR,
     DEFAULT_DTYPE,
     DEFAULT_GAMMA,
@@ -171,6 +172,8 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     add_client_flags(p)  # --tls-ca, --tls-cert, --tls-key, --auth-token
+    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT_S,
+                   help="seconds to wait for a connection to the coordinator")
     p.set_defaults(fn=cmd_generate)
 
 
@@ -181,7 +184,8 @@ def cmd_generate(a) -> None:
     from pearl.report import print_stats
 
     try:
-        with Client(a.coordinator, **client_kwargs(a)) as c:
+        with Client(a.coordinator, connect_timeout_s=a.connect_timeout,
+                    **client_kwargs(a)) as c:
             for part in c.generate(a.prompt, mode=a.mode, max_new_tokens=a.max_new_tokens,
                                    gamma=a.gamma, gamma_max=a.gamma_max, stop=a.stop,
                                    ignore_eos=a.ignore_eos, chat=a.chat,

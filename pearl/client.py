@@ -8,14 +8,17 @@
                 print(part.stats["tokens_per_s"])
 """
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 from opentelemetry import propagate
 
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
+from specdec.defaults import DEFAULT_CONNECT_TIMEOUT_S
 from specdec.security import ClientTLS, bearer_metadata, sync_channel
 from specdec.serving import CHANNEL_OPTIONS
 
@@ -44,6 +47,38 @@ class Result:
         return {"text": self.text, "token_ids": self.token_ids, "mode": self.mode, **self.stats}
 
 
+class Unreachable(grpc.RpcError):
+    """No connection to the coordinator within the connect timeout: UNAVAILABLE, with the
+    likely cause."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self.message
+
+
+def unreachable_hint(tls: bool, error: str) -> str:
+    if "refused" in error.lower():
+        return "is the coordinator running there?"
+    if not tls:
+        return "is the server using TLS? pass the CA that signed its certificate with --tls-ca"
+    return ("is the server using TLS, and did the CA in --tls-ca sign its certificate? (mutual "
+            "TLS also needs --tls-cert and --tls-key)")
+
+
+def connected_within(channel: grpc.Channel, seconds: float) -> bool:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=seconds)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
+
+
 def stats_from_pb(s: pb.GenerateStats) -> dict:
     d = MessageToDict(s, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     d["draft_length_histogram"] = {int(k): int(v) for k, v in d["draft_length_histogram"].items()}
@@ -57,11 +92,14 @@ def stats_from_pb(s: pb.GenerateStats) -> dict:
 class Client:
     def __init__(self, address: str, timeout_s: float | None = None, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None,
-                 token: str | None = None):
-        """``tls_ca``: PEM file of the CA that signed the coordinator's certificate (TLS);
-        ``tls_cert``/``tls_key``: this client's certificate when the coordinator asks for one
-        (mutual TLS); ``token``: bearer token when the coordinator requires one."""
+                 token: str | None = None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S):
+        """``timeout_s``: deadline of each call (None: none); ``connect_timeout_s``: how long a call
+        waits for a connection before it fails with ``Unreachable``; ``tls_ca``: PEM file of the
+        CA that signed the coordinator's certificate (TLS); ``tls_cert``/``tls_key``: this
+        client's certificate when the coordinator asks for one (mutual TLS); ``token``: bearer
+        token when the coordinator requires one."""
         tls = ClientTLS.from_flags(tls_ca, tls_cert, tls_key)
+        self.address, self.tls, self.connect_timeout_s = address, tls is not None, connect_timeout_s
         self.channel = sync_channel(address, CHANNEL_OPTIONS, tls)
         self.stub = pearl_pb2_grpc.CoordinatorStub(self.channel)
         self.timeout_s = timeout_s
@@ -75,6 +113,36 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+
+    def _stream(self, req: pb.GenerateRequest, metadata) -> Iterator[pb.GenerateResponse]:
+        """The Generate stream. A call that waits for a ready channel waits forever where every
+        connection attempt fails (nothing listening, plaintext to a TLS port, the wrong CA), so the
+        first try does not wait: should it fail for want of a connection, the client waits for one
+        at most ``connect_timeout_s`` (and what is left of ``timeout_s``), then tries again."""
+        t0 = time.monotonic()
+
+        def left() -> float | None:
+            return None if self.timeout_s is None else max(
+                self.timeout_s - (time.monotonic() - t0), 0.0)
+
+        stream = self.stub.Generate(req, timeout=self.timeout_s, metadata=metadata)
+        try:
+            first = next(stream, None)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or connected_within(self.channel, 0.2):
+                raise  # the coordinator's own answer
+            within = self.connect_timeout_s if left() is None else min(self.connect_timeout_s,
+                                                                         left())
+            if not connected_within(self.channel, within):
+                raise Unreachable(
+                    f"could not connect to {self.address} within {within:g} s ({e.details()}): "
+                    f"{unreachable_hint(self.tls, e.details())}") from None
+            stream = self.stub.Generate(req, timeout=left(), wait_for_ready=True,
+                                        metadata=metadata)
+            first = next(stream, None)
+        if first is not None:
+            yield first
+            yield from stream
 
     def generate(self, prompt: str | list[int], mode: str = "pearl", max_new_tokens: int = 64,
                  gamma: int = 0, gamma_max: int = 0, stop: list[str] | None = None,
@@ -102,8 +170,7 @@ class Client:
         text, ids = [], []
         md: dict[str, str] = {}
         propagate.inject(md)  # a traced caller's span becomes the parent of pearl.generate
-        for resp in self.stub.Generate(req, timeout=self.timeout_s, wait_for_ready=True,
-                                       metadata=tuple(md.items()) + self.auth):
+        for resp in self._stream(req, tuple(md.items()) + self.auth):
             if resp.HasField("stats"):
                 yield Result("".join(text), ids, mode, stats_from_pb(resp.stats))
                 return

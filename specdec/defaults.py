@@ -35,6 +35,7 @@ DEFAULT_IDLE_S = 300.0  # a session that hears nothing this long is closed
 DEFAULT_MAX_PROMPT_TOKENS = 16384  # longest prompt a coordinator accepts
 DEFAULT_MAX_NEW_TOKENS = 4096  # largest max_new_tokens a coordinator accepts
 DEFAULT_GRACE_S = 10.0  # seconds to drain in-flight calls on SIGTERM
+DEFAULT_CONNECT_TIMEOUT_S = 10.0  # a client with no connection this long fails (Unreachable)
 
 # The engine of each draft/target process (docs/design.md: the engine).
 DEFAULT_KV_CACHE_TOKENS = 65_536  # KV store slots shared by all sessions of one model

@@ -5,6 +5,8 @@ stay open."""
 
 import datetime
 import ipaddress
+import threading
+import time
 
 import grpc
 import pytest
@@ -168,6 +170,45 @@ def test_generate_cli_with_tls_and_token(secure, pki, capsys, monkeypatch):
         cli.main(["generate", "abc", "--coordinator", secure.address, "--tls-ca",
                   pki["good"].ca, "--max-new-tokens", "4"])
     assert "UNAUTHENTICATED" in str(e.value)
+
+
+def ends_within(fn, within_s: float) -> BaseException | None:
+    """What ``fn()`` raised (None if nothing), failing the test should it run past ``within_s``:
+    a client that hangs fails here instead of stalling the suite."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - SystemExit is what the CLI ends with
+            raised.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(within_s)
+    assert not t.is_alive(), f"still waiting after {within_s} s"
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize("tls, hint", [
+    ("plaintext", "is the server using TLS?"),
+    ("untrusted CA", "did the CA in --tls-ca sign its certificate?"),
+])
+def test_generate_cli_without_the_servers_ca_fails_promptly_and_says_why(secure, pki, tls, hint):
+    """Plaintext to a TLS port, or TLS with a CA that did not sign the server's certificate: the
+    handshake fails on every try, and a call that waits for the channel to be ready used to wait
+    forever. Now: a non-zero exit within the connect timeout that names the likely cause."""
+    flags = [] if tls == "plaintext" else ["--tls-ca", pki["rogue"].ca]
+    t0 = time.monotonic()
+    err = ends_within(lambda: cli.main(["generate", "abc", "--coordinator", secure.address,
+                                        "--connect-timeout", "1", "--max-new-tokens", "2",
+                                        "--auth-token", TOKEN, *flags]), 30)
+    assert isinstance(err, SystemExit), err
+    assert err.code not in (0, None)
+    msg = str(err.code)
+    assert f"could not connect to {secure.address} within 1 s" in msg, msg
+    assert hint in msg and "--tls-ca" in msg, msg
+    assert time.monotonic() - t0 < 8, "the connect timeout was not what bounded the wait"
 
 
 def test_serve_flags_build_the_credentials(pki):
