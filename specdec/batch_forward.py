@@ -41,12 +41,16 @@ def supports(model: torch.nn.Module) -> bool:
     return layers is not None and all(hasattr(layer.self_attn, "q_proj") for layer in layers)
 
 
+def head_dim(cfg) -> int:
+    """Size of one attention head (configs without ``head_dim`` split the hidden size evenly)."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def store_for(model: torch.nn.Module, tokens: int) -> KVStore:
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     p = next(model.parameters())
-    return KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, tokens, p.dtype,
-                   p.device)
+    return KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim(cfg), tokens,
+                   p.dtype, p.device)
 
 
 @dataclass
@@ -154,7 +158,7 @@ def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict) -> torch.Te
     """Decoder layer ``li`` over the batch: the new hidden states [T, hidden]."""
     cfg, layer = model.config, model.model.layers[li]
     heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    hd = head_dim(cfg)
     cos, sin = (t[0] for t in model.model.rotary_emb(b.h[None], b.pos[None]))
     at, T = layer.self_attn, b.h.shape[0]
     x = layer.input_layernorm(b.h)

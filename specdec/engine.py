@@ -96,8 +96,7 @@ class Engine:
                                       if self.batched else None)
         self.max_batch_tokens = max_batch_tokens
         # compiled steps (--compile): plain decode/verify steps as one compiled graph
-        self.static = (StaticStep(model, self.store)
-                       if compile and self.batched and static_step.compilable(model) else None)
+        self.static = StaticStep(model, self.store) if compile and self.batched else None
         self.pending: list[Work] = []
         self.cv = threading.Condition()
         self.closed = False
@@ -163,11 +162,7 @@ class Engine:
 
     def _together(self, works: list[Work]) -> None:
         """Run ``works`` in one step (they are queued at once) and wait for all of them."""
-        with self.cv:
-            for w in works:
-                w.seq.busy = True
-            self.pending.extend(works)
-            self.cv.notify()
+        self._queue(works)
         for w in works:
             w.future.result()
 
@@ -189,15 +184,19 @@ class Engine:
 
     def submit(self, work: Work) -> Forward:
         """Queue ``work`` for the next step and wait for its result (called by session threads)."""
+        self._queue([work])
+        return work.future.result()
+
+    def _queue(self, works: list[Work]) -> None:
         with self.cv:
             if self.closed:
                 raise RuntimeError(f"the {self.name} engine is closed")
-            if work.seq.closing:
+            if any(w.seq.closing for w in works):
                 raise RuntimeError("the session is closed")
-            work.seq.busy = True
-            self.pending.append(work)
+            for w in works:
+                w.seq.busy = True
+            self.pending.extend(works)
             self.cv.notify()
-        return work.future.result()
 
     def release(self, seq: Sequence) -> None:
         """Give a session's pages back, now or, while a step of its runs, when that step ends:

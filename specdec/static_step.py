@@ -29,18 +29,14 @@ drops it between layers); its store writes lie past its cached length and are ne
 
 from __future__ import annotations
 
-import logging
 import threading
 
 import torch
 import torch.fx.experimental._config
 import torch.nn.functional as F
 
-from specdec import batch_forward
-from specdec.batch_forward import Row, rope
+from specdec.batch_forward import Row, head_dim, rope
 from specdec.kv_store import KVStore
-
-log = logging.getLogger("pearl.engine")
 
 MAX_WIDTH = 16  # tokens per row: longer rows (prefill chunks) run eagerly
 # CUDA buckets start at 2: dynamo compiles a size of 1 as a shape family of its own, so with
@@ -48,10 +44,6 @@ MAX_WIDTH = 16  # tokens per row: longer rows (prefill chunks) run eagerly
 ROW_BUCKETS = (2, 4, 8, 16, 32, 64, 128)
 WIDTH_BUCKETS = (2, 4, 8, 16)
 RECOMPILE_LIMIT = 64  # shape families compiled per process (all engines), before giving up
-
-
-def compilable(model: torch.nn.Module) -> bool:
-    return batch_forward.supports(model)
 
 
 _thread = threading.local()
@@ -84,7 +76,7 @@ class StaticStep:
         self.model, self.store = model, store
         cfg = model.config
         self.heads, self.kvh = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.hd = head_dim(cfg)
         self.cuda = store.device.type == "cuda"
         self.buckets = self.cuda if buckets is None else buckets
         self.steps = 0
