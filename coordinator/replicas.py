@@ -242,9 +242,10 @@ class Pool:
         self.changed = asyncio.Event()
 
     async def _wait_changed(self, timeout_s: float) -> None:
-        try:
-            await asyncio.wait_for(self.changed.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        try:  # asyncio.timeout, not wait_for (docs/design.md section 11)
+            async with asyncio.timeout(timeout_s):
+                await self.changed.wait()
+        except TimeoutError:
             pass
 
     # -- watching one replica -------------------------------------------------------------------
@@ -385,7 +386,8 @@ class Pool:
     async def _refusal(call) -> tuple[grpc.StatusCode, str] | None:
         """None when the server accepted the call (its guard sent headers), else why not."""
         try:
-            md = await asyncio.wait_for(call.initial_metadata(), ACCEPT_TIMEOUT_S)
+            async with asyncio.timeout(ACCEPT_TIMEOUT_S):  # not wait_for (design.md section 11)
+                md = await call.initial_metadata()
             if md is not None and any(k == ACCEPTED_KEY for k, _ in md):
                 return None
             return await call.code(), await call.details()

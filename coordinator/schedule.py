@@ -211,9 +211,10 @@ class Request:
             if (self.draft is not None and self.draft_lost is None and self.plan.draft_timeout_s
                     and not self.due):
                 timeout = self.plan.draft_timeout_s
-            try:
-                ev: Event = await asyncio.wait_for(self.events.get(), timeout)
-            except asyncio.TimeoutError:
+            try:  # asyncio.timeout, not wait_for: 3.11's drops a cancel (design.md section 11)
+                async with asyncio.timeout(timeout):
+                    ev: Event = await self.events.get()
+            except TimeoutError:
                 raise DraftLost(f"no draft proposal within {timeout:g} s") from None
             if ev.source == "target":
                 if ev.msg is None:

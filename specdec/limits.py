@@ -110,9 +110,10 @@ async def idle_get(queue: asyncio.Queue, idle_s: float, context, label: str):
     """``queue.get()``, aborting the call with DEADLINE_EXCEEDED after ``idle_s`` (0: wait)."""
     if not idle_s:
         return await queue.get()
-    try:
-        return await asyncio.wait_for(queue.get(), idle_s)
-    except asyncio.TimeoutError:
+    try:  # asyncio.timeout, not wait_for (docs/design.md section 11)
+        async with asyncio.timeout(idle_s):
+            return await queue.get()
+    except TimeoutError:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _idle_abort_message(label, idle_s))
 
 
@@ -121,14 +122,12 @@ async def idle_limited(requests: AsyncIterator, idle_s: float, context, label: s
     """The request stream, aborted with DEADLINE_EXCEEDED when a gap exceeds ``idle_s``."""
     it = requests.__aiter__()
     while True:
-        try:
-            if idle_s:
-                req = await asyncio.wait_for(it.__anext__(), idle_s)
-            else:
+        try:  # asyncio.timeout (None: no limit), not wait_for (docs/design.md section 11)
+            async with asyncio.timeout(idle_s or None):
                 req = await it.__anext__()
         except StopAsyncIteration:
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 _idle_abort_message(label, idle_s))
         yield req
