@@ -65,6 +65,7 @@ def test_real_pair_is_lossless(services, references, mode):
             assert r.token_ids == ref[: len(r.token_ids)], f"{mode} diverged from the target"
             assert len(r.token_ids) == N or r.stats["finish_reason"] == "eos"
             if mode in ("sd", "pearl"):
+                assert not r.stats["fell_back"], r.stats["fallback_reason"]
                 assert r.stats["acceptance_rate"] > 0.5, "the pair agrees on most code tokens"
             if mode == "hidden-transfer":  # the shipped transfer layers draft usefully
                 assert r.stats["tokens_per_target_forward"] > 1.2, r.stats
