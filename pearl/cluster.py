@@ -21,7 +21,7 @@ class Cluster:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.servers = []
-        self.draft_server = self.target_server = None
+        self.draft_server = self.target_server = self.draft = None
         if draft is not None:
             self.draft_server, self.draft = self.call(serve_draft(draft, 0, "127.0.0.1",
                                                                   **(draft_kw or {})))
@@ -45,5 +45,8 @@ class Cluster:
         self.call(self.coordinator.close())
         for s in self.servers:
             self.call(s.stop(1))
+        for servicer in (self.draft, self.target):  # their engines' threads and KV stores
+            if servicer is not None:
+                self.call(servicer.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)

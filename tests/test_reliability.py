@@ -74,6 +74,8 @@ def fresh(tiny_draft, tiny_target):
     yield make
     for c in made:
         c.close()
+        for servicer in (c.draft, c.target):  # closing a cluster ends its engines' threads
+            assert servicer.engine.thread is None or not servicer.engine.thread.is_alive()
 
 
 def slow_draft(c: Cluster, after: int, delay_s: float) -> None:
