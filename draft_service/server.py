@@ -172,7 +172,7 @@ async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4,
     pearl_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.grpc)
     # the port opens NOT_SERVING; SERVING once the compiled steps are built (if any)
     await server.start(port, host, tls.credentials() if tls else None,
-                       warm_up=servicer.engine.warm_up if servicer.engine.compiled else None)
+                       warm_up=servicer.engine.serving_warm_up())
     log.info("draft service on port %d (%s; %s%s)", server.port, loaded.name,
              describe_engine(servicer.engine),
              f"; replaying {replay.path} at acceptance {replay.acceptance}" if replay else "")

@@ -122,6 +122,11 @@ class Engine:
     def compiled(self) -> bool:
         return self.static is not None and self.static.broken is None
 
+    def serving_warm_up(self) -> Callable[[], float] | None:
+        """What a server runs before it says SERVING (specdec/serving.py): ``warm_up`` when the
+        steps are compiled, else None, and the port opens SERVING at once."""
+        return self.warm_up if self.compiled else None
+
     def warm_up(self) -> float:
         """Compile (and on CUDA record) the compiled step's shapes ahead of traffic. Scratch
         sessions run through the step loop itself (CUDA graphs belong to the thread that

@@ -167,7 +167,7 @@ async def serve(loaded, port: int, host: str = "[::]", tls: ServerTLS | None = N
     pearl_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server.grpc)
     # the port opens NOT_SERVING; SERVING once the compiled steps are built (if any)
     await server.start(port, host, tls.credentials() if tls else None,
-                       warm_up=servicer.engine.warm_up if servicer.engine.compiled else None)
+                       warm_up=servicer.engine.serving_warm_up())
     log.info("target service on port %d (%s; %s%s)", server.port, loaded.name,
              describe_engine(servicer.engine), f"; hidden transfer: {servicer.describe_transfer()}" if transfer else "")
     return server, servicer
