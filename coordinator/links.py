@@ -169,7 +169,8 @@ class _Link:
         self.cancel()
 
     def cancel(self) -> None:
-        """End the stream now (the service frees its session)."""
+        """End the stream now, its reader and writer tasks with it (the service frees its
+        session); never blocks."""
         self.reader.cancel()
         self.call.cancel()
 

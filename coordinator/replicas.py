@@ -151,15 +151,9 @@ class NoReplica(RuntimeError):
 
 
 def raw_call(link) -> Any:
-    """The grpc call under a link (a draft link wraps it in an outbox)."""
+    """The grpc call under a link's outbox (coordinator/links.py)."""
     call = link.call
     return getattr(call, "call", call)
-
-
-def drop(link) -> None:
-    """End a link's stream at once (the service frees the session); never blocks."""
-    link.reader.cancel()
-    raw_call(link).cancel()
 
 
 class Pool:
@@ -361,14 +355,14 @@ class Pool:
                 refusal = await self._refusal(raw_call(link))
             except BaseException:  # the request was cancelled meanwhile
                 r.own -= 1
-                drop(link)
+                link.cancel()
                 raise
             if refusal is None:
                 link.events = events
                 link.reader.add_done_callback(lambda _, r=r: self._release(r))
                 return r, link
             r.own -= 1
-            drop(link)
+            link.cancel()
             code, detail = refusal
             r.refused_until = time.monotonic() + self.refused_s
             r.refused_code = code.name

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from coordinator.links import BACKEND_OPTIONS, DraftLink, TargetLink
 from coordinator.output import Output
-from coordinator.replicas import NoReplica, Pool, drop
+from coordinator.replicas import NoReplica, Pool
 from coordinator.schedule import SCHEDULES, Plan, Request, ServiceLost, Timing, decode
 from coordinator.tracing import request_trace
 from protos.v1 import pearl_pb2 as pb
@@ -132,7 +132,7 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
             for task in tasks:
                 task.cancel()
                 if task.done() and not task.cancelled() and task.exception() is None:
-                    drop(task.result()[1])
+                    task.result()[1].cancel()
             raise
         placed = [t.exception() or t.result()[1] for t in tasks]
         for p in placed:
@@ -141,7 +141,7 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         draft = placed[1] if want_draft and not isinstance(placed[1], NoReplica) else None
         if isinstance(placed[0], NoReplica):
             if draft is not None:
-                drop(draft)
+                draft.cancel()
             raise placed[0]
         down = str(placed[1]) if want_draft and draft is None else None
         return placed[0], draft, down

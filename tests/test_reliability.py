@@ -219,6 +219,25 @@ def test_sampled_fallback_stays_seeded(fresh):
 # -- the target is a dependency -------------------------------------------------------------------
 
 
+def test_requests_without_a_target_leave_no_draft_stream_behind(fresh):
+    """With the target down, each request's draft stream (opened beside the target's) is ended
+    whole: its session freed and its writer task gone (a dropped link used to leave its writer
+    waiting forever, one task and call per request for as long as the outage lasted)."""
+    c = fresh()
+    c.call(c.target_server.stop(0))
+    with Client(c.address, timeout_s=10) as cl:
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as e:
+                cl.complete(PROMPT, mode="pearl", max_new_tokens=4)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    async def writers() -> int:
+        return sum(t.get_coro().__qualname__ == "_Outbox._send" for t in asyncio.all_tasks())
+
+    wait_until(lambda: live_sessions(c.draft_address) == 0, what="draft sessions freed")
+    wait_until(lambda: c.call(writers()) == 0, what="no stream writer left")
+
+
 def test_target_lost_mid_request_is_unavailable_then_recovers(fresh, tiny_target, ref):
     c = fresh()
     runner = c.target.runner
