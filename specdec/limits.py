@@ -108,10 +108,8 @@ def _idle_abort_message(label: str, idle_s: float) -> str:
 
 async def idle_get(queue: asyncio.Queue, idle_s: float, context, label: str):
     """``queue.get()``, aborting the call with DEADLINE_EXCEEDED after ``idle_s`` (0: wait)."""
-    if not idle_s:
-        return await queue.get()
-    try:  # asyncio.timeout, not wait_for (docs/design.md section 11)
-        async with asyncio.timeout(idle_s):
+    try:  # asyncio.timeout (None: no limit), not wait_for (docs/design.md section 11)
+        async with asyncio.timeout(idle_s or None):
             return await queue.get()
     except TimeoutError:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _idle_abort_message(label, idle_s))
