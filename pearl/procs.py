@@ -42,7 +42,8 @@ class Services:
         self.all: dict[str, Service] = {}
 
     def start(self, role: str, args: list[str], cpus: str | None = None,
-              env: dict[str, str] | None = None) -> Service:
+              env: dict[str, str] | None = None, cwd: Path | None = None) -> Service:
+        """Start ``role``; ``cwd``: run the code of another checkout (its ``pearl`` package)."""
         port_file = self.dir / f"{role}.port"
         port_file.unlink(missing_ok=True)
         log_path = self.dir / f"{role}.log"
@@ -52,7 +53,8 @@ class Services:
             cmd += ["--cpus", cpus]
         log = open(log_path, "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **(env or {})}, start_new_session=True,
+                                cwd=cwd)
         log.close()
         svc = Service(role, proc, port_file, log_path)
         self.all[role] = svc
