@@ -337,53 +337,56 @@ class SD(Schedule):
             await r.draft.rollback(position + v.accepted, [v.token], wid, len(r.committed) + n)
 
 
-@dataclass
-class Window:
-    id: int
-    start: int  # first position
-    end: int  # one past the last position
-
-
 Phase = Literal["pre", "held", "post"]
 
 
 class Pearl(Schedule):
     """PEARL: draft and target at the same time, one verification in flight at a time.
 
-    The phase says what the target does next with the committed end L:
+    The draft drafts without pausing up to its horizon: ``gamma`` tokens past the end of what the
+    target was last sent, pushed on with every verification. The target does not wait for a
+    window to fill: the moment it may, it gets the draft tokens that exist (at most gamma), so
+    under load a session is back in the target's next engine step instead of drifting to a later
+    one. The phase says what the target does next at the committed end L:
 
-    - ``pre``: the first token of a window, sent the moment the draft proposes it, while the draft
-      drafts the rest of the window (a forward pass of the target).
-    - ``held``: the target holds the distribution of position L (after its prefill, or after
-      accepting every token it verified: pearl never takes a bonus); the draft's token at L is
-      judged with it, with no forward pass.
-    - ``post``: the rest of the current window, once drafted, while the draft drafts the next
-      window (a forward pass).
+    - ``pre``: a rejection committed the target's correction (which the target has not fed yet).
+      The draft's first token after it goes to the target the moment it exists, with any that
+      follow it by then (a forward pass), while the draft drafts on (pre-verify).
+    - ``held``: the target holds the distribution of L (after its prefill, or after accepting
+      every token it verified: pearl never takes a bonus). The draft's token at L is judged with
+      it, with no forward pass, the moment that token exists.
+    - ``post``: a held token was accepted. It is fed at once with the draft tokens after it that
+      exist (a forward pass) while the draft drafts on (post-verify).
 
-    pre -> held -> post -> held -> post ... while every token is accepted; the start is a pre
-    without draft tokens. A rejection commits the accepted prefix and the target's correction,
-    rolls the draft back (its windows in flight become stale) and goes back to pre. Every position
-    is decided by the same rule on the draft token at that position, so the output is independent
-    of window lengths and timing, for greedy and seeded sampling alike. gamma = ceil(t_verify /
-    t_draft) from the services' measured forward times, clamped to [1, gamma_max], unless a fixed
-    gamma is asked for.
+    held -> post -> held -> post ... while every token is accepted; the start is a prefill that
+    leaves a held distribution. A rejection commits the accepted prefix and the correction, rolls
+    the draft back (its proposals in flight become stale) and goes to pre. Every position is
+    decided by the same rule on the draft token at that position, so the output is independent of
+    window lengths and timing, for greedy and seeded sampling alike. gamma = ceil(t_verify /
+    t_draft) from the services' measured forward times, capped by goodput under batching
+    (``Timing``), unless a fixed gamma is asked for.
+
+    Statistics: the draft protocol opens a window per push of the horizon; the statistics count a
+    *run*, the draft tokens from one start or rollback to the next (PEARL's adaptive draft
+    length), as one window: its id is the run's first window's, offsets count from its start.
     """
 
     def __init__(self, r: Request):
         super().__init__(r)
-        self.phase: Phase = "pre"
-        self.drafted: dict[int, tuple[int, int, object]] = {}  # position -> (token, window, q)
-        self.windows: list[Window] = []  # the draft's live windows, in order
-        self.starts: dict[int, int] = {}  # window id -> start position (statistics)
+        self.phase: Phase = "pre"  # the prefill, like a pre, leaves a held distribution
+        self.drafted: dict[int, tuple[int, object]] = {}  # position -> (token, q)
         self.oldest_live = 1  # proposals of older windows are stale
-        self.until = 0  # the draft drafts up to here
+        self.until = 0  # the draft's horizon: it drafts up to here
+        self.run_id, self.run_start = 0, 0  # the current run (statistics)
 
     async def run(self) -> None:
         r = self.r
         # Both prefill at once; the target holds the first position's distribution.
         await r.start_target(first_token=False)
-        w = self.open_window(len(r.committed))
-        await r.draft.start(r.plan.session_id, r.committed, w.id, w.end, r.plan.sampling)
+        L = len(r.committed)
+        wid = self.new_run(L)
+        self.until = self.horizon(L)
+        await r.draft.start(r.plan.session_id, r.committed, wid, self.until, r.plan.sampling)
         while True:
             ev = await r.next_event()
             if ev.source == "draft":
@@ -398,7 +401,7 @@ class Pearl(Schedule):
         if p.window_id < self.oldest_live:
             self.r.rec.stale += 1
         elif p.position >= len(self.r.committed):
-            self.drafted[p.position] = (p.token_id, p.window_id, p.q)
+            self.drafted[p.position] = (p.token_id, p.q)
 
     async def on_verdict(self, v: Verdict) -> bool:
         for q in range(v.position, v.position + v.verified):
@@ -407,7 +410,7 @@ class Pearl(Schedule):
             return True
         if v.token is not None:  # a rejection: the correction replaced the draft token
             await self.rollback(v.position + v.accepted, v.token)
-        elif self.phase == "held":  # the held distribution is used up
+        elif self.phase == "held":  # accepted with the held distribution: feed it next
             self.phase = "post"
         else:  # all accepted (or the prefill): the target holds the next position's distribution
             self.phase = "held"
@@ -419,55 +422,52 @@ class Pearl(Schedule):
         if self.r.due:  # one verification in flight at a time
             return
         L = len(self.r.committed)
-        self.windows = [w for w in self.windows if w.end > L]
-        if not self.windows:  # the draft has drafted all it was asked for (until == L)
-            await self.extend()
-            if self.phase == "post":  # nothing left to post-verify: the new window starts
-                self.phase = "pre"
-            return
-        if L not in self.drafted:
-            return
-        if self.phase in ("held", "pre"):  # one token: the moment it exists
-            await self.verify([L])
-        else:  # post: the rest of the current window, once drafted
-            w = self.windows[0]
-            if all(q in self.drafted for q in range(L, w.end)):
-                await self.verify(list(range(L, w.end)))
-                if len(self.windows) == 1:  # draft the next window while the target verifies
-                    await self.extend()
+        if self.phase != "post" and L not in self.drafted:
+            return  # held, pre: the draft's token at L first
+        if self.phase == "held":  # judged with the held distribution: one token, no forward
+            positions = [L]
+        else:  # pre, post: a forward with the draft tokens that exist now, at most gamma
+            cap, n = self.gamma(), 0
+            while n < cap and L + n in self.drafted:
+                n += 1
+            positions = list(range(L, L + n))
+        tokens = [self.drafted[q][0] for q in positions]
+        qs = [self.drafted[q][1] for q in positions]
+        await self.r.ask(tokens, qs, self.run_id, self.phase, offset=L - self.run_start,
+                         held=self.phase == "held")
+        await self.push(self.horizon(L + len(positions)))
 
-    async def verify(self, positions: list[int]) -> None:
-        tokens, wids, qs = zip(*(self.drafted[q] for q in positions))
-        await self.r.ask(list(tokens), list(qs), wids[0], self.phase,
-                         offset=positions[0] - self.starts[wids[0]], held=self.phase == "held")
-
-    # -- the draft's windows
+    # -- the draft's horizon
 
     def gamma(self) -> int:
         return self.r.plan.gamma or self.r.timing.gamma(self.r.plan.gamma_max)
 
-    def open_window(self, start: int) -> Window:
-        n = self.r.window_len(self.gamma(), start)
-        w = Window(self.r.take_window_id(), start, start + n)
-        self.windows.append(w)
-        self.until = w.end
-        self.starts[w.id] = start
-        self.r.rec.window(n)
-        return w
+    def horizon(self, end: int) -> int:
+        """gamma tokens past ``end``, the first position the target has not been sent: what the
+        draft can draft while the target verifies. Never past the last position to decide."""
+        g = self.gamma()
+        self.r.rec.window(g)
+        plan = self.r.plan
+        return min(end + g, len(plan.prompt_ids) + plan.max_new_tokens, plan.max_positions)
 
-    async def extend(self) -> None:
-        """Ask the draft for the next window right after the last one."""
-        w = self.open_window(self.until)
-        await self.r.draft.extend(w.id, w.end)
+    def new_run(self, start: int) -> int:
+        self.run_id, self.run_start = self.r.take_window_id(), start
+        return self.run_id
+
+    async def push(self, goal: int) -> None:
+        """Move the draft's horizon on to ``goal`` (a new window), if it is not there yet."""
+        if goal > self.until:
+            self.until = goal
+            await self.r.draft.extend(self.r.take_window_id(), goal)
 
     async def rollback(self, keep: int, token: int) -> None:
-        """The draft keeps ``keep`` tokens, appends the target's token, starts a fresh window."""
-        self.windows.clear()
+        """The draft keeps ``keep`` tokens, appends the target's token, starts a new run."""
         self.drafted.clear()
-        w = self.open_window(keep + 1)
-        self.oldest_live = w.id
+        wid = self.new_run(keep + 1)
+        self.oldest_live = wid
         self.phase = "pre"
-        await self.r.draft.rollback(keep, [token], w.id, w.end)
+        self.until = self.horizon(keep + 1)
+        await self.r.draft.rollback(keep, [token], wid, self.until)
 
 
 SCHEDULES: dict[str, type[Schedule]] = {

@@ -55,31 +55,49 @@ def test_stale_proposals_are_dropped_and_modes_switch():
         await settle()
         assert target.calls[0] == ("start", "s", [1, 2, 3, 4], "S", False, False)  # no first token
         assert draft.calls[0] == ("start", "s", [1, 2, 3, 4], 1, L + 3, "S")
-        put("draft", proposal(1, L, 50))
         put("target", verdict(L, 0, 0, phase="start"))  # the target holds position L
         await settle()
-        assert p.phase == "held"
+        assert p.phase == "held" and len(target.calls) == 1  # it waits for the draft's token at L
+        put("draft", proposal(1, L, 50))
+        await settle()
         assert target.calls[-1] == ("verify", L, [50], [None], 1, "held", False, True)
+        assert draft.calls[-1] == ("extend", 2, L + 4)  # gamma past the position judged
+        put("draft", proposal(1, L + 1, 51))
         put("target", verdict(L, 1, 1, phase="held"))  # accepted without a forward pass
         await settle()
         assert p.phase == "post" and p.r.committed[-1] == 50 and rec.target_forwards == 1
-        put("draft", proposal(1, L + 1, 51))
-        put("draft", proposal(1, L + 2, 52))
+        # at once, with what the draft has: 50 is fed with 51, 52 is not drafted yet
+        assert target.calls[-1] == ("verify", L + 1, [51], [None], 1, "post", False, False)
+        assert draft.calls[-1] == ("extend", 3, L + 5)
+        put("draft", proposal(2, L + 2, 52))
+        put("draft", proposal(3, L + 3, 53))
+        put("target", verdict(L + 1, 1, 1))  # 51 accepted: the target holds L + 2
         await settle()
-        assert target.calls[-1] == ("verify", L + 1, [51, 52], [None, None], 1, "post", False, False)
-        assert draft.calls[-1] == ("extend", 2, L + 6)  # next window drafted meanwhile
-        put("draft", proposal(2, L + 3, 53))
-        put("target", verdict(L + 1, 2, 1, 99))  # 52 rejected, correction 99
+        assert p.phase == "held" and rec.target_forwards == 2
+        assert target.calls[-1] == ("verify", L + 2, [52], [None], 1, "held", False, True)
+        assert draft.calls[-1] == ("extend", 4, L + 6)
+        put("target", verdict(L + 2, 1, 0, 99, phase="held"))  # 52 rejected, correction 99
         await settle()
-        assert p.phase == "pre"
-        assert draft.calls[-1] == ("rollback", L + 2, [99], 3, L + 6)
-        put("draft", proposal(2, L + 4, 54))  # window 2 is stale now
+        assert p.phase == "pre" and p.r.committed[L:] == [50, 51, 99]
+        assert draft.calls[-1] == ("rollback", L + 2, [99], 5, L + 6)
+        assert len(target.calls) == 4  # pre: it waits for the draft's first token
+        put("draft", proposal(3, L + 4, 54))  # windows before 5 are stale now
         await settle()
-        assert rec.stale == 1 and L + 4 not in p.drafted
-        put("draft", proposal(3, L + 3, 60))  # the new window's first token: pre-verify at once
+        assert rec.stale == 1 and L + 4 not in p.drafted and len(target.calls) == 4
+        put("draft", proposal(5, L + 3, 60))  # pre-verify: the correction 99 is fed with 60
         await settle()
-        assert target.calls[-1] == ("verify", L + 3, [60], [None], 3, "pre", False, False)
-        assert p.r.committed[L:] == [50, 51, 99]
+        assert target.calls[-1] == ("verify", L + 3, [60], [None], 5, "pre", False, False)
+        assert draft.calls[-1] == ("extend", 6, L + 7)
+        put("draft", proposal(5, L + 4, 61))
+        put("target", verdict(L + 3, 1, 1, phase="pre"))  # 60 accepted: the target holds L + 4
+        await settle()
+        assert p.phase == "held" and p.r.committed[L:] == [50, 51, 99, 60]
+        assert target.calls[-1] == ("verify", L + 4, [61], [None], 5, "held", False, True)
+        put("target", verdict(L + 4, 1, 1, phase="held"))
+        await settle()  # post with nothing drafted past 61: 61 is fed alone, no waiting
+        assert target.calls[-1] == ("verify", L + 5, [], [], 5, "post", False, False)
+        # statistics: runs of the draft (start..rollback, rollback..) as windows, offsets within
+        assert dict(rec.used_per_window) == {1: 3, 5: 2}
         task.cancel()
 
     asyncio.run(scenario())
