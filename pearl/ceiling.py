@@ -54,6 +54,11 @@ gamma = 1 (the window holds one token; the bonus follows it and the draft restar
     (1 + alpha) / (t_draft + t_forward[2]), which is sd with gamma = 1.
 ``ceiling(..., gamma=None)`` is the best over the window lengths that ``t_forward`` covers.
 
+The schedule (docs/design.md section 4) does not wait for a whole window in post-verify: it sends
+the draft tokens that exist when the target is free. With one request and the balanced gamma the
+whole window exists by then (the draft drafted it during the previous forward), so the rounds
+above are what it runs; under load it sends fewer rather than wait, which this model leaves out.
+
 What the model leaves out (so the ceiling is an upper bound for this schedule): protocol and
 Python overhead, the draft's catch-up after a rollback, the part of a stale draft forward that
 runs before its abort lands, and the end of the request (a trimmed last window).
