@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate
 
 from protos.v1 import pearl_pb2 as pb
@@ -72,10 +73,15 @@ def unreachable_hint(tls: bool, error: str) -> str:
 
 
 def connected_within(channel: grpc.Channel, seconds: float) -> bool:
+    """Whether ``channel`` reaches its server within ``seconds``: any answer to a health check
+    that waits for a connection says so. Not ``grpc.channel_ready_future``: its connectivity
+    polling thread outlives the call and, once the channel is closed, dies with "Cannot invoke
+    RPC: Channel closed!" in the client's process."""
     try:
-        grpc.channel_ready_future(channel).result(timeout=seconds)
-    except grpc.FutureTimeoutError:
-        return False
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                   timeout=seconds, wait_for_ready=True)
+    except grpc.RpcError as e:
+        return e.code() != grpc.StatusCode.DEADLINE_EXCEEDED
     return True
 
 

@@ -238,6 +238,20 @@ def test_requests_without_a_target_leave_no_draft_stream_behind(fresh):
     wait_until(lambda: c.call(writers()) == 0, what="no stream writer left")
 
 
+def test_a_refused_request_leaves_no_connectivity_poller(fresh):
+    """The client tells "the coordinator answered UNAVAILABLE" from "no connection" with a health
+    check, not grpc.channel_ready_future, whose connectivity polling thread outlived the call and,
+    once the client closed its channel, died with "Cannot invoke RPC: Channel closed!" (seen as
+    an unhandled thread exception in this module's runs)."""
+    c = fresh()
+    c.call(c.target_server.stop(0))
+    with Client(c.address, timeout_s=10) as cl:
+        with pytest.raises(grpc.RpcError) as e:
+            cl.complete(PROMPT, mode="ar", max_new_tokens=4)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "target" in e.value.details()
+        assert not cl.channel._connectivity_state.polling  # grpc's poller was never started
+
+
 def test_target_lost_mid_request_is_unavailable_then_recovers(fresh, tiny_target, ref):
     c = fresh()
     runner = c.target.runner
