@@ -4,11 +4,11 @@ by bursts of cancelled requests, and a draft that is full."""
 
 import random
 import threading
-import time
 
 import grpc
 import pytest
-from conftest import greedy_reference, noisy_copy
+from conftest import (all_sessions_freed, cluster_sessions, greedy_reference, noisy_copy,
+                      wait_until)
 
 from cluster import Cluster
 from pearl.client import Client
@@ -19,24 +19,6 @@ from target_service.hidden_transfer.layers import Transfer, TransferLayers
 
 CONTEXT = 64  # positions of both tiny models
 NEW = 22
-
-
-def live_sessions(address: str, stub) -> int:
-    with grpc.insecure_channel(address) as ch:
-        return stub(ch).GetModelInfo(pb.ModelInfoRequest(), timeout=5).live_sessions
-
-
-def sessions(c: Cluster) -> tuple[int, int]:
-    return (live_sessions(c.target_address, pearl_pb2_grpc.TargetServiceStub),
-            live_sessions(c.draft_address, pearl_pb2_grpc.DraftServiceStub))
-
-
-def wait_sessions_freed(c: Cluster, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (live := sessions(c)) != (0, 0):
-        assert time.monotonic() < deadline, f"live sessions (target, draft) {live} after " \
-                                            f"{timeout_s} s"
-        time.sleep(0.05)
 
 
 # -- fault 1: a request that fills the context ---------------------------------------------------
@@ -102,8 +84,8 @@ def test_cancel_bursts_leave_no_sessions(pair):
                                             grpc.StatusCode.UNAVAILABLE), e.details()
                     call.cancel()
                 if burst % 10 == 9:
-                    wait_sessions_freed(c, 3.0)
-        wait_sessions_freed(c, 3.0)
+                    all_sessions_freed(c, 3.0)
+        all_sessions_freed(c, 3.0)
         with Client(c.address, timeout_s=30) as cl:
             r = cl.complete([5, 17, 33, 2, 9, 41], mode="pearl", max_new_tokens=8)
         assert len(r.token_ids) == 8 and not r.stats["fell_back"]
@@ -133,10 +115,7 @@ def test_full_draft_is_reported_as_resource_exhausted(pair):
     t = threading.Thread(target=occupy)
     t.start()
     try:
-        deadline = time.monotonic() + 5
-        while sessions(c)[1] != 1:
-            assert time.monotonic() < deadline, "the draft's slot was not taken"
-            time.sleep(0.02)
+        wait_until(lambda: cluster_sessions(c)[1] == 1, what="the draft's slot taken")
         with Client(c.address, timeout_s=30) as cl:
             for i in range(30):
                 r = cl.complete([5, 17, 33, 2, 9, 41], mode=("pearl", "sd")[i % 2],

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import all_sessions_freed
 from pearl.client import Client
 from pearl.cluster import Cluster
 from protos.v1 import pearl_pb2 as pb
@@ -48,14 +49,6 @@ def raw_stream(address: str, method: str, messages: list[bytes]) -> tuple[grpc.S
         return it.code(), it.details()
 
 
-def live_sessions(cluster) -> tuple[int, int]:
-    req = pb.ModelInfoRequest()
-    with grpc.insecure_channel(cluster.draft_address) as d, \
-            grpc.insecure_channel(cluster.target_address) as t:
-        return (pearl_pb2_grpc.DraftServiceStub(d).GetModelInfo(req).live_sessions,
-                pearl_pb2_grpc.TargetServiceStub(t).GetModelInfo(req).live_sessions)
-
-
 # Fault 4: bytes that are no message. Before: Generate answered UNKNOWN ("Unexpected
 # DecodeError"), Verify too, and the Draft stream ended OK.
 
@@ -88,10 +81,7 @@ def test_unreadable_message_ends_an_internal_stream_with_invalid_argument(cluste
     code, details = raw_stream(address, method, messages)
     assert code == INVALID, (code, details)  # never OK: the message was not read
     assert "unreadable request message" in details
-    deadline = time.monotonic() + 5
-    while live_sessions(cluster) != (0, 0):  # the session was closed, nothing leaked
-        assert time.monotonic() < deadline, live_sessions(cluster)
-        time.sleep(0.05)
+    all_sessions_freed(cluster)  # the session was closed, nothing leaked
     with Client(cluster.address, timeout_s=30) as c:  # and the services still serve
         assert len(c.complete(PROMPT, mode="pearl", max_new_tokens=4).token_ids) == 4
 

@@ -11,10 +11,11 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from cluster import Cluster
-from conftest import free_port, greedy_reference, until_recovered
+from conftest import (all_sessions_freed, free_port, greedy_reference, health, live_sessions,
+                      until_recovered, wait_until)
 from coordinator.links import Event
 from coordinator.schedule import Plan, Request
 from draft_service.server import serve as serve_draft
@@ -27,33 +28,6 @@ from target_service.server import serve as serve_target
 
 PROMPT = [5, 17, 33, 2, 9, 41]
 N = 40
-
-
-def live_sessions(address: str, stub=pearl_pb2_grpc.DraftServiceStub) -> int:
-    with grpc.insecure_channel(address) as ch:
-        return stub(ch).GetModelInfo(pb.ModelInfoRequest(), timeout=5).live_sessions
-
-
-def wait_until(cond, timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout_s} s")
-        time.sleep(0.02)
-
-
-def all_sessions_freed(c: Cluster, timeout_s: float = 5.0) -> None:
-    # Usually within 0.1 s. Frees of up to ~17 s, about one run in eight on loaded cores, were
-    # cancels lost in asyncio.wait_for (test_a_cancel_meeting_an_answer_is_not_lost).
-    wait_until(lambda: live_sessions(c.target_address, pearl_pb2_grpc.TargetServiceStub) == 0
-               and (c.draft_address is None or live_sessions(c.draft_address) == 0),
-               timeout_s, "live_sessions == 0 on both services")
-
-
-def health(address: str) -> int:
-    with grpc.insecure_channel(address) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                    timeout=5).status
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +48,7 @@ def fresh(tiny_draft, tiny_target):
     yield make
     for c in made:
         c.close()
-        for servicer in (c.draft, c.target):  # closing a cluster ends its engines' threads
+        for servicer in c.servicers:  # closing a cluster ends its engines' threads, restarted too
             assert servicer.engine.thread is None or not servicer.engine.thread.is_alive()
 
 
@@ -135,8 +109,7 @@ def test_draft_down_then_back(fresh, tiny_draft, ref):
             assert r.token_ids == ref
             assert r.stats["fell_back"] and r.stats["fallback_reason"]
             assert time.monotonic() - t0 < 3, "a dead draft must not make a request wait"
-        server, servicer = c.call(serve_draft(tiny_draft, port, "127.0.0.1"))
-        c.servers.append(server)
+        c.add(*c.call(serve_draft(tiny_draft, port, "127.0.0.1")))
         deadline = time.monotonic() + 15
         while True:  # the channel reconnects with a backoff capped at a few seconds
             r = cl.complete(PROMPT, mode="pearl", max_new_tokens=N, ignore_eos=True)
@@ -273,9 +246,7 @@ def test_target_lost_mid_request_is_unavailable_then_recovers(fresh, tiny_target
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "target service" in e.value.details()
         assert got and not any(isinstance(p, Result) for p in got)  # never presented as complete
-        server, servicer = c.call(serve_target(tiny_target, port, "127.0.0.1"))
-        c.servers.append(server)
-        c.target = servicer
+        c.add(*c.call(serve_target(tiny_target, port, "127.0.0.1")))
         r = until_recovered(
             lambda: cl.complete(PROMPT, mode="pearl", max_new_tokens=N, ignore_eos=True), 15)
         assert r.token_ids == ref and not r.stats["fell_back"]
@@ -488,8 +459,7 @@ def test_a_warming_target_is_not_ready_until_its_warm_up_ends(fresh, tiny_target
         assert "warming up" in e.value.details()
     finally:
         release.set()
-    server, _ = starting.result(timeout=30)
-    c.servers.append(server)
+    c.add(*starting.result(timeout=30))
     assert health(address) == health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(address) as ch:
         first = next(pearl_pb2_grpc.TargetServiceStub(ch).Verify(iter([start]), timeout=10))
