@@ -150,12 +150,6 @@ class NoReplica(RuntimeError):
         self.code = code
 
 
-def raw_call(link) -> Any:
-    """The grpc call under a link's outbox (coordinator/links.py)."""
-    call = link.call
-    return getattr(call, "call", call)
-
-
 class Pool:
     """The replicas of one role (``draft`` or ``target``) behind one target string."""
 
@@ -352,7 +346,7 @@ class Pool:
             private: asyncio.Queue = asyncio.Queue()
             link = open_link(r.channel, private)
             try:
-                refusal = await self._refusal(raw_call(link))
+                refusal = await self._refusal(link.call.call)  # the grpc call under its outbox
             except BaseException:  # the request was cancelled meanwhile
                 r.own -= 1
                 link.cancel()

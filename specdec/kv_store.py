@@ -85,6 +85,10 @@ class KVStore:
         """The rows of every layer's K and V that hold a session's slots ``s``."""
         return slots.table(self.device)[s // self.page_size] * self.page_size + s % self.page_size
 
+    def row(self, slots: Slots, s: int) -> int:
+        """``rows`` for one slot, as a Python int (the compiled step builds its inputs so)."""
+        return slots.pages[s // self.page_size] * self.page_size + s % self.page_size
+
     def write(self, layer: int, slots: Slots, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [n, kv_heads, head_dim] into slots start..start+n-1 of one layer."""
         at = self.rows(slots, torch.arange(start, start + k.shape[0], device=self.device))

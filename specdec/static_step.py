@@ -129,8 +129,7 @@ class StaticStep:
                 pos[b][j] = P + j if j < n else 0
                 limit[b][j] = P + j
             for j in range(n):
-                s = P + j
-                at[b][j] = r.slots.pages[s // ps] * ps + s % ps
+                at[b][j] = store.row(r.slots, P + j)
             keep[b][: len(r.keep)] = r.keep
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         pages_t = t(table)  # [B, pages]
