@@ -146,7 +146,7 @@ class Metrics:
             "pearl_accepted_run_length", explicit_bucket_boundaries_advisory=SMALL_COUNTS,
             description="Runs of consecutively accepted draft tokens between two rejections")
         self.gamma = h("pearl_gamma", explicit_bucket_boundaries_advisory=SMALL_COUNTS,
-                       description="Window length chosen at each window start")
+                       description="gamma chosen at each window (sd) or verification (pearl)")
         self.verify_latency = h("pearl_verify_latency", unit="s",
                                 explicit_bucket_boundaries_advisory=SECONDS,
                                 description="Target forward pass of one verification round")
