@@ -385,7 +385,7 @@ class Pearl(Schedule):
         await r.start_target(first_token=False)
         L = len(r.committed)
         wid = self.new_run(L)
-        self.until = self.horizon(L)
+        self.until = self.horizon(L, self.gamma())
         await r.draft.start(r.plan.session_id, r.committed, wid, self.until, r.plan.sampling)
         while True:
             ev = await r.next_event()
@@ -424,28 +424,29 @@ class Pearl(Schedule):
         L = len(self.r.committed)
         if self.phase != "post" and L not in self.drafted:
             return  # held, pre: the draft's token at L first
+        g = self.gamma()
         if self.phase == "held":  # judged with the held distribution: one token, no forward
             positions = [L]
         else:  # pre, post: a forward with the draft tokens that exist now, at most gamma
-            cap, n = self.gamma(), 0
-            while n < cap and L + n in self.drafted:
+            n = 0
+            while n < g and L + n in self.drafted:
                 n += 1
             positions = list(range(L, L + n))
         tokens = [self.drafted[q][0] for q in positions]
         qs = [self.drafted[q][1] for q in positions]
         await self.r.ask(tokens, qs, self.run_id, self.phase, offset=L - self.run_start,
                          held=self.phase == "held")
-        await self.push(self.horizon(L + len(positions)))
+        await self.push(self.horizon(L + len(positions), g))
 
     # -- the draft's horizon
 
     def gamma(self) -> int:
         return self.r.plan.gamma or self.r.timing.gamma(self.r.plan.gamma_max)
 
-    def horizon(self, end: int) -> int:
-        """gamma tokens past ``end``, the first position the target has not been sent: what the
-        draft can draft while the target verifies. Never past the last position to decide."""
-        g = self.gamma()
+    def horizon(self, end: int, g: int) -> int:
+        """``g`` (gamma) tokens past ``end``, the first position the target has not been sent:
+        what the draft can draft while the target verifies. Never past the last position to
+        decide."""
         self.r.rec.window(g)
         plan = self.r.plan
         return min(end + g, len(plan.prompt_ids) + plan.max_new_tokens, plan.max_positions)
@@ -466,7 +467,7 @@ class Pearl(Schedule):
         wid = self.new_run(keep + 1)
         self.oldest_live = wid
         self.phase = "pre"
-        self.until = self.horizon(keep + 1)
+        self.until = self.horizon(keep + 1, self.gamma())
         await self.r.draft.rollback(keep, [token], wid, self.until)
 
 
