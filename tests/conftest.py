@@ -108,9 +108,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def live_sessions(address: str, stub=None) -> int:
+def live_sessions(address: str, stub=pearl_pb2_grpc.DraftServiceStub) -> int:
     """The sessions a draft (default) or target service reports live (GetModelInfo)."""
-    stub = stub or pearl_pb2_grpc.DraftServiceStub
     with grpc.insecure_channel(address) as ch:
         return stub(ch).GetModelInfo(pb.ModelInfoRequest(), timeout=5).live_sessions
 
