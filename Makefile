@@ -59,6 +59,21 @@ k8s-validate: setup k8s-tools
 deploy:
 	$(KUBECTL) apply -k k8s/overlays/$(OVERLAY)
 
+# The image and the cpu-dev overlay as containers on this machine, with podman (k8s/README.md).
+# DEVICE=cuda builds the GPU image (torch's CUDA wheel from the index; not on CI's machines).
+DEVICE ?= cpu
+LOCAL_PORT ?= 50050
+.PHONY: image deploy-local undeploy-local
+
+image:
+	DEVICE=$(DEVICE) bash scripts/image.sh
+
+deploy-local: setup k8s-tools image
+	$(PY) scripts/deploy_local.py up --port $(LOCAL_PORT)
+
+undeploy-local:
+	$(PY) scripts/deploy_local.py down
+
 # Benchmark ar/sd/pearl (services on loopback, one pinned core each) against transformers.
 bench: setup
 	$(PEARL) bench

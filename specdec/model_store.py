@@ -133,6 +133,7 @@ def _ensure(entry: Entry, cache: Path, progress: bool) -> Path:
             convert(gguf, out, progress)
             gguf.unlink()
             (out / MARKER).write_text(f"{entry.name}\nsha256 {entry.sha256}\n")
+            share(out)
             if final.exists():  # a folder without the marker: not ours to trust
                 shutil.rmtree(final)
             os.replace(out, final)
@@ -145,6 +146,18 @@ def _ensure(entry: Entry, cache: Path, progress: bool) -> Path:
             except OSError:
                 pass
     return final
+
+
+def share(folder: Path) -> None:
+    """Make a converted model readable by every user (safetensors writes its file 0600): the cache
+    is shared read-only with other users, e.g. containers running as uid 10001 that mount it."""
+    for p in (folder, *folder.rglob("*")):
+        p.chmod(p.stat().st_mode | (0o555 if p.is_dir() else 0o444))
+
+
+def unreadable(folder: Path) -> list[Path]:
+    """The files under `folder` that another user could not read."""
+    return [p for p in folder.rglob("*") if p.is_file() and not p.stat().st_mode & 0o004]
 
 
 @contextmanager
