@@ -74,13 +74,13 @@ fi
 # 3. The image
 echo "image: podman build -t $IMAGE ($DEVICE)"
 mkdir -p build
-if ! podman build --pull=never --layers "${build_args[@]}" "${volumes[@]}" -t "$IMAGE" \
+if ! podman build --pull=never --layers --label io.pearl.image=1 "${build_args[@]}" "${volumes[@]}" -t "$IMAGE" \
         -f Dockerfile . >build/image.log 2>&1; then
     tail -40 build/image.log >&2
     echo "image: podman build failed (whole log: build/image.log)" >&2
     exit 1
 fi
 grep -E 'STEP [0-9]+/[0-9]+: (FROM|RUN|COPY)|Using cache' build/image.log | sed 's/^/  /' || true
-podman image prune -f >/dev/null  # the layers a rebuild replaced
+podman image prune -f --filter label=io.pearl.image >/dev/null  # what a rebuild replaced
 size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
 echo "image: $IMAGE $((size / 1000000)) MB, built in $(( $(date +%s) - t0 )) s"
