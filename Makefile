@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
 # Regenerate the checked-in stubs (tests/test_protos.py fails when they are stale).
@@ -63,13 +63,14 @@ deploy:
 # DEVICE=cuda builds the GPU image (torch's CUDA wheel from the index; not on CI's machines).
 DEVICE ?= cpu
 LOCAL_PORT ?= 50050
+LOCAL_HTTP_PORT ?= 8000
 .PHONY: image deploy-local undeploy-local
 
 image:
 	DEVICE=$(DEVICE) bash scripts/image.sh
 
 deploy-local: setup k8s-tools image
-	$(PY) scripts/deploy_local.py up --port $(LOCAL_PORT)
+	$(PY) scripts/deploy_local.py up --port $(LOCAL_PORT) --http-port $(LOCAL_HTTP_PORT)
 
 undeploy-local:
 	$(PY) scripts/deploy_local.py down

@@ -20,8 +20,10 @@ import grpc
 
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
+from specdec.logprobs import TokenLogprob
 from specdec.serving import CHANNEL_OPTIONS
 from specdec.telemetry import inject_context
+from specdec.wire import logprob_from_pb
 
 BACKEND_OPTIONS = [
     *CHANNEL_OPTIONS,
@@ -73,6 +75,8 @@ class Verdict:
     queue_ns: int = 0  # time the forward pass waited in the target's engine queue
     batch_rows: int = 0  # sessions in that engine step (0: no forward pass ran)
     batch_tokens: int = 0  # tokens fed in that step, all sessions together
+    # when asked for: one per token it commits (accepted drafts or accepted_ids, then token)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def proposal_from_pb(p: pb.DraftProposal) -> Proposal:
@@ -83,7 +87,8 @@ def proposal_from_pb(p: pb.DraftProposal) -> Proposal:
 def verdict_from_pb(r: pb.VerifyResult) -> Verdict:
     return Verdict(r.position, r.verified, r.accepted, r.token_id if r.has_token else None,
                    r.committed, r.window_id, r.phase, r.forward_ns, r.input_tokens,
-                   list(r.accepted_ids), r.queue_ns, r.batch_rows, r.batch_tokens)
+                   list(r.accepted_ids), r.queue_ns, r.batch_rows, r.batch_tokens,
+                   [logprob_from_pb(t) for t in r.logprobs])
 
 
 @dataclass
@@ -215,11 +220,14 @@ class TargetLink(_Link):
         return verdict_from_pb(resp.result)
 
     async def start(self, session_id: str, prompt_ids: list[int], sampling: pb.SamplingParams,
-                    first_token: bool, hidden_transfer: bool = False) -> None:
+                    first_token: bool, hidden_transfer: bool = False,
+                    logprobs: int | None = None) -> None:
+        """``logprobs``: None, or the top alternatives to report with each token's logprob."""
         await self.call.write(pb.VerifyRequest(start=pb.VerifyStart(
             session_id=session_id, prompt_ids=prompt_ids, sampling=sampling,
             first_token=first_token, trace_context=inject_context(),
-            hidden_transfer=hidden_transfer)))
+            hidden_transfer=hidden_transfer, logprobs=logprobs is not None,
+            top_logprobs=logprobs or 0)))
 
     async def verify(self, position: int, draft_ids: list[int], qs: list, window_id: int,
                      phase: str, bonus: bool = False, held: bool = False) -> None:

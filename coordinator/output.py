@@ -3,16 +3,21 @@
 The schedules commit token ids; this decides where generation ends (max_new_tokens, an EOS id,
 a stop string) so that nothing past the end is ever emitted, and streams text deltas that never
 have to be taken back (an incomplete UTF-8 character or a possible stop-string prefix is held).
+The target's logprobs of the ids, when asked for, travel with them and are cut with them.
 """
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from specdec.logprobs import TokenLogprob
 
 
 @dataclass
 class Delta:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per id, when asked for
 
 
 class Output:
@@ -22,6 +27,7 @@ class Output:
         self.eos_ids = set(eos_ids)
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # one per id in ids, when the request asked
         self.sent_ids = 0
         self.sent_text = 0
         self.finish_reason: str | None = None
@@ -31,12 +37,16 @@ class Output:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def commit(self, ids: list[int]) -> bool:
-        """Take newly committed ids; return True when generation has ended."""
-        for t in ids:
+    def commit(self, ids: list[int], logprobs: Sequence[TokenLogprob] = ()) -> bool:
+        """Take newly committed ids, with their logprobs (one each) when the request asked for
+        them; return True when generation has ended. Ids past the end are dropped, and their
+        logprobs with them."""
+        for i, t in enumerate(ids):
             if self.done:
                 break
             self.ids.append(t)
+            if logprobs:
+                self.logprobs.append(logprobs[i])
             if t in self.eos_ids:
                 self.finish_reason = "eos"
             elif self.stop and self._stop_at() is not None:
@@ -63,7 +73,7 @@ class Output:
             ready = text.rstrip("\ufffd")  # an incomplete UTF-8 character decodes to U+FFFD
             ready = ready[: len(ready) - self._held(ready)]
         delta = Delta(ready[self.sent_text:] if len(ready) > self.sent_text else "",
-                      self.ids[self.sent_ids:])
+                      self.ids[self.sent_ids:], self.logprobs[self.sent_ids:])
         self.sent_text = max(self.sent_text, len(ready))
         self.sent_ids = len(self.ids)
         if delta.text or delta.token_ids:

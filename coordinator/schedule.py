@@ -36,6 +36,7 @@ from typing import Literal
 from coordinator.links import DraftLink, Event, Proposal, TargetLink, Verdict
 from coordinator.output import Output
 from specdec.defaults import DEFAULT_DRAFT_TIMEOUT_S, DEFAULT_GAMMA, DEFAULT_GAMMA_MAX
+from specdec.logprobs import TokenLogprob
 from specdec.stats import Recorder
 
 
@@ -68,6 +69,7 @@ class Plan:
     gamma_max: int = DEFAULT_GAMMA_MAX
     sampling: object = None  # pb.SamplingParams, passed to the services as it is
     draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S  # a silent draft is given up
+    logprobs: int | None = None  # None, or the top alternatives to report with each logprob
 
 
 class Timing:
@@ -175,7 +177,8 @@ class Request:
         self.target_started = True
         self.due.append(Asked([]))
         await self.target.start(self.plan.session_id, self.plan.prompt_ids, self.plan.sampling,
-                                first_token, hidden_transfer=hidden_transfer)
+                                first_token, hidden_transfer=hidden_transfer,
+                                logprobs=self.plan.logprobs)
 
     async def ask(self, draft_ids: list[int], qs: list, window_id: int, phase: str,
                   offset: int = 0, bonus: bool = False, held: bool = False) -> None:
@@ -188,17 +191,22 @@ class Request:
 
     def decide(self, v: Verdict) -> bool:
         """Commit what the target decided for the oldest request due: the accepted prefix of
-        the draft tokens, then its own token if it chose one. True when generation has ended."""
+        the draft tokens, then its own token if it chose one, with the target's logprobs of
+        exactly these tokens when asked for. True when generation has ended."""
         asked = self.due.popleft()
         if asked.window_id:
             self.rec.verified(asked.window_id, asked.offset, v.verified, v.accepted)
         drafts = asked.draft_ids or v.accepted_ids  # hidden transfer: it drafted them itself
-        return self.commit(drafts[: v.accepted] + ([] if v.token is None else [v.token]))
+        ids = drafts[: v.accepted] + ([] if v.token is None else [v.token])
+        if self.plan.logprobs is not None and len(v.logprobs) != len(ids):
+            raise ServiceLost("target", f"its verdict at position {v.position} has "
+                              f"{len(v.logprobs)} logprobs for {len(ids)} committed tokens")
+        return self.commit(ids, v.logprobs)
 
-    def commit(self, ids: list[int]) -> bool:
+    def commit(self, ids: list[int], logprobs: list[TokenLogprob]) -> bool:
         self.committed.extend(ids)
         self.rec.committed()
-        return self.out.commit(ids)
+        return self.out.commit(ids, logprobs)
 
     # -- events
 

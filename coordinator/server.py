@@ -26,11 +26,12 @@ from specdec.defaults import (
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_MAX_SESSIONS,
 )
+from specdec.logprobs import MAX_TOP_LOGPROBS
 from specdec.security import ClientTLS, ServerTLS, TokenAuth
 from specdec.serving import Server
 from specdec.stats import Recorder
 from specdec.telemetry import Telemetry
-from specdec.wire import sampling_from_pb, sampling_to_pb
+from specdec.wire import logprob_to_pb, sampling_from_pb, sampling_to_pb
 
 log = logging.getLogger("pearl.coordinator")
 
@@ -39,6 +40,7 @@ MODES = {pb.MODE_AR: "ar", pb.MODE_SD: "sd", pb.MODE_PEARL: "pearl",
 WITH_DRAFT = ("sd", "pearl")
 GAMMA_LIMIT = 64
 CHARS_PER_TOKEN_BOUND = 64  # prompt text longer than this many chars per allowed token: refused
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class InvalidRequest(ValueError):
@@ -88,6 +90,7 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
     draft_timeout_s = DEFAULT_DRAFT_TIMEOUT_S  # a draft silent this long is given up
     max_prompt_tokens = DEFAULT_MAX_PROMPT_TOKENS
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    http = None  # the OpenAI-compatible HTTP front (coordinator/openai_http), when serving one
 
     def __init__(self, target: str, draft: str | None, gamma: int = DEFAULT_GAMMA,
                  gamma_max: int = DEFAULT_GAMMA_MAX):
@@ -113,6 +116,8 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
             self.max_positions = min(self.max_positions, dinfo.max_positions)
 
     async def close(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         for pool in (self.targets, self.drafts):
             if pool is not None:
                 await pool.close()
@@ -147,6 +152,8 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         return placed[0], draft, down
 
     def prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
+        if req.messages:
+            return self.chat_ids([(m.role, m.content) for m in req.messages])
         if req.prompt_ids:
             ids = list(req.prompt_ids)
             bad = [t for t in ids if not 0 <= t < self.target_info.vocab_size]
@@ -154,17 +161,30 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
                 raise InvalidRequest(f"prompt_ids holds ids outside the vocabulary: {bad[:5]}")
             return ids
         if not req.prompt:
-            raise InvalidRequest("prompt is empty (give prompt or prompt_ids)")
+            raise InvalidRequest("prompt is empty (give prompt, prompt_ids or messages)")
         if len(req.prompt) > CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens:
             raise InvalidRequest(f"prompt has {len(req.prompt)} characters; this server takes "
                                  f"at most {self.max_prompt_tokens} prompt tokens")
         if req.chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise InvalidRequest("chat: the target's tokenizer has no chat template")
-            return list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": req.prompt}], add_generation_prompt=True,
-                tokenize=True, return_dict=False))
+            return self.chat_ids([("user", req.prompt)])
         return self.tokenizer.encode(req.prompt)
+
+    def chat_ids(self, messages: list[tuple[str, str]]) -> list[int]:
+        """A conversation rendered with the target tokenizer's chat template, ending with the
+        assistant's generation prompt."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest("chat: the target's tokenizer has no chat template")
+        for i, (role, _) in enumerate(messages):
+            if role not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{i}].role is {role!r}; one of "
+                                     f"{', '.join(CHAT_ROLES)}")
+        chars = sum(len(content) for _, content in messages)
+        if chars > CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens:
+            raise InvalidRequest(f"messages have {chars} characters; this server takes at most "
+                                 f"{self.max_prompt_tokens} prompt tokens")
+        return list(self.tokenizer.apply_chat_template(
+            [{"role": role, "content": content} for role, content in messages],
+            add_generation_prompt=True, tokenize=True, return_dict=False))
 
     def plan(self, req: pb.GenerateRequest) -> tuple[str, Plan]:
         mode = MODES.get(req.mode) if req.mode else ("pearl" if self.drafts else "ar")
@@ -188,6 +208,11 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         if not req.sampling.HasField("seed"):  # unseeded: a fresh seed per request
             sampling = type(sampling)(sampling.temperature, sampling.top_k, sampling.top_p,
                                       secrets.randbits(63))
+        if req.top_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs={req.top_logprobs} is out of range: "
+                                 f"0..{MAX_TOP_LOGPROBS}")
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs")
         for field in ("gamma", "gamma_max"):
             if getattr(req, field) > GAMMA_LIMIT:
                 raise InvalidRequest(f"{field}={getattr(req, field)} is out of range: 0 (server "
@@ -213,7 +238,8 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         gamma_max = req.gamma_max or self.default_gamma_max
         gamma = req.gamma or (self.default_gamma if mode == "sd" else None)
         return mode, Plan(uuid.uuid4().hex, ids, req.max_new_tokens, self.max_positions,
-                          gamma, gamma_max, sampling_to_pb(sampling), self.draft_timeout_s)
+                          gamma, gamma_max, sampling_to_pb(sampling), self.draft_timeout_s,
+                          req.top_logprobs if req.logprobs else None)
 
     async def Generate(self, request, context):
         try:
@@ -238,7 +264,8 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
         context.add_done_callback(ending)  # also when the handler is left suspended at a yield
         try:
             while (delta := await out.queue.get()) is not None:
-                yield pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids)
+                yield pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids,
+                                          logprobs=[logprob_to_pb(t) for t in delta.logprobs])
             await task
         except ServiceLost as e:  # the target (the draft is only given up: schedule.py)
             busy = e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -259,8 +286,11 @@ async def serve(target: str, draft: str | None, port: int, host: str = "[::]",
                 max_sessions: int = DEFAULT_MAX_SESSIONS,
                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S
+                draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S,
+                http_port: int | None = None
                 ) -> tuple[Server, CoordinatorServicer]:
+    """Connect to draft and target, then serve the gRPC API, and with ``http_port`` the
+    OpenAI-compatible HTTP front beside it (coordinator/openai_http; 0 = any free port)."""
     servicer = CoordinatorServicer(target, draft, gamma, gamma_max)
     servicer.backend_tls, servicer.draft_timeout_s = backend_tls, draft_timeout_s
     servicer.max_prompt_tokens, servicer.max_new_tokens = max_prompt_tokens, max_new_tokens
@@ -269,6 +299,12 @@ async def serve(target: str, draft: str | None, port: int, host: str = "[::]",
                     interceptors=[TokenAuth(auth_token)] if auth_token else [],
                     label="coordinator", max_sessions=max_sessions)
     pearl_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server.grpc)
+    if http_port is not None:
+        from coordinator.openai_http.server import HttpFront
+
+        servicer.http = HttpFront(servicer, server, http_port, host, tls, auth_token)
     await server.start(port, host, tls.credentials() if tls else None)
     log.info("coordinator on port %d (target %s, draft %s)", server.port, target, draft)
+    if servicer.http is not None:
+        await servicer.http.start()
     return server, servicer

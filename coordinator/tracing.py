@@ -38,6 +38,9 @@ class RequestTrace:
             "pearl.prompt_tokens": len(plan.prompt_ids),
             "pearl.max_new_tokens": plan.max_new_tokens,
             "pearl.gamma_fixed": plan.gamma or 0, "pearl.gamma_max": plan.gamma_max})
+        remaining = grpc_context.time_remaining() if grpc_context is not None else None
+        if remaining is not None:  # the client's deadline (gRPC timeout; HTTP: body.timeout)
+            self.span.set_attribute("pearl.deadline_s", round(remaining, 3))
         if tel.metrics is not None:
             tel.metrics.active_sessions.add(1)
 

@@ -73,6 +73,10 @@ def add_serve(sub) -> None:
                         "when OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/tracing.md)")
     p.add_argument("--metrics-port", type=int, default=env("METRICS_PORT"),
                    help="serve Prometheus metrics on this port (/metrics)")
+    p.add_argument("--http-port", type=int, default=env("HTTP_PORT"),
+                   help="coordinator: also serve the OpenAI-compatible HTTP API on this port "
+                        "(/v1/chat/completions, /v1/completions, /v1/models; 0 = any free "
+                        "port); off when not given")
     p.add_argument("--transfer", default=env("TRANSFER", "auto"),
                    help="target: Hidden Transfer layers file; 'auto' (default) takes the model's "
                         "trained or shipped file if there is one, 'none' serves without")
@@ -121,8 +125,9 @@ def cmd_serve(a) -> None:
                                            tree_nodes=a.tree_nodes)
         else:
             from coordinator.server import serve
+            http_port = None if a.http_port is None else int(a.http_port)
             server, servicer = await serve(a.target, a.draft, port, a.host, a.gamma, a.gamma_max,
-                                           **serve_kwargs(a))
+                                           **serve_kwargs(a), http_port=http_port)
         servicer.telemetry = tel
         if a.port_file:
             tmp = Path(a.port_file + ".tmp")
@@ -157,7 +162,8 @@ def load_transfer(spec: str, model: str):
 
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text through a coordinator")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?",
+                   help="the prompt; with --chat, --system or --messages the last user turn")
     p.add_argument("--coordinator", default=env("COORDINATOR", DEFAULT_COORDINATOR))
     p.add_argument("--mode", default="pearl", choices=["ar", "sd", "pearl", "hidden-transfer"])
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
@@ -166,6 +172,14 @@ def add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--system", help="chat: a system prompt before the conversation")
+    p.add_argument("--messages", metavar="FILE.json",
+                   help='chat: earlier turns, a JSON list of {"role": "system"|"user"|'
+                        '"assistant", "content": "..."}; the prompt, if given, follows as a '
+                        "user turn")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="print each token's log-probability under the target and its N (0..5) "
+                        "most likely alternatives")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k")
     p.add_argument("--top-p", type=float, default=None, help="in (0, 1]; unset = no top-p")
@@ -177,20 +191,48 @@ def add_generate(sub) -> None:
     p.set_defaults(fn=cmd_generate)
 
 
+def conversation(a) -> list[dict] | None:
+    """The chat turns `pearl generate` sends, or None for a plain prompt."""
+    if not (a.chat or a.system or a.messages):
+        if a.prompt is None:
+            sys.exit("pearl generate: give a prompt (or --messages FILE.json)")
+        return None
+    turns = [{"role": "system", "content": a.system}] if a.system else []
+    if a.messages:
+        try:
+            loaded = json.loads(Path(a.messages).read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"pearl generate: --messages {a.messages}: {e}")
+        if not isinstance(loaded, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in loaded):
+            sys.exit(f"pearl generate: --messages {a.messages}: want a JSON list of "
+                     '{"role": ..., "content": ...} objects')
+        turns += [{"role": m["role"], "content": m["content"]} for m in loaded]
+    if a.prompt is not None:
+        turns.append({"role": "user", "content": a.prompt})
+    if not turns:
+        sys.exit("pearl generate: no messages")
+    return turns
+
+
 def cmd_generate(a) -> None:
     import grpc
 
     from pearl.client import Client, Delta
-    from pearl.report import print_stats
+    from pearl.report import print_logprobs, print_stats
 
+    messages = conversation(a)
     try:
         with Client(a.coordinator, connect_timeout_s=a.connect_timeout,
                     **client_kwargs(a)) as c:
-            for part in c.generate(a.prompt, mode=a.mode, max_new_tokens=a.max_new_tokens,
+            for part in c.generate(messages if messages is not None else a.prompt,
+                                   mode=a.mode, max_new_tokens=a.max_new_tokens,
                                    gamma=a.gamma, gamma_max=a.gamma_max, stop=a.stop,
-                                   ignore_eos=a.ignore_eos, chat=a.chat,
-                                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                   seed=a.seed):
+                                   ignore_eos=a.ignore_eos, temperature=a.temperature,
+                                   top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                                   logprobs=a.logprobs is not None,
+                                   top_logprobs=a.logprobs or 0):
                 if isinstance(part, Delta):
                     if not a.json:
                         print(part.text, end="", flush=True)
@@ -198,6 +240,8 @@ def cmd_generate(a) -> None:
                     print(json.dumps(part.to_json()))
                 else:
                     print()
+                    if a.logprobs is not None:
+                        print_logprobs(part.logprobs)
                     print_stats(part.stats)
     except grpc.RpcError as e:
         sys.exit(f"pearl generate: {e.code().name}: {e.details()}")

@@ -10,7 +10,7 @@
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -28,11 +28,27 @@ MODES = {"ar": pb.MODE_AR, "sd": pb.MODE_SD, "pearl": pb.MODE_PEARL,
 
 
 @dataclass
+class Logprob:
+    """The target's log-probability of one new token, from the forward pass that committed it
+    (docs/design.md section 5), and the ``top`` most likely tokens there as (id, logprob), most
+    likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def logprobs_from_pb(msgs) -> list[Logprob]:
+    return [Logprob(m.token_id, m.logprob, list(zip(m.top_ids, m.top_logprobs))) for m in msgs]
+
+
+@dataclass
 class Delta:
-    """Text and token ids committed since the previous part."""
+    """Text and token ids committed since the previous part (and their logprobs, when asked)."""
 
     text: str
     token_ids: list[int]
+    logprobs: list[Logprob] = field(default_factory=list)  # one per id, when asked for
 
 
 @dataclass
@@ -43,9 +59,12 @@ class Result:
     token_ids: list[int]
     mode: str
     stats: dict = field(default_factory=dict)
+    logprobs: list[Logprob] = field(default_factory=list)  # one per id, when asked for
 
     def to_json(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "mode": self.mode, **self.stats}
+        lp = {"logprobs": [asdict(t) for t in self.logprobs]} if self.logprobs else {}
+        return {"text": self.text, "token_ids": self.token_ids, "mode": self.mode, **lp,
+                **self.stats}
 
 
 class Unreachable(grpc.RpcError):
@@ -150,15 +169,21 @@ class Client:
             yield first
             yield from stream
 
-    def generate(self, prompt: str | list[int], mode: str = "pearl", max_new_tokens: int = 64,
+    def generate(self, prompt: str | list[int] | list[dict], mode: str = "pearl",
+                 max_new_tokens: int = 64,
                  gamma: int = 0, gamma_max: int = 0, stop: list[str] | None = None,
                  ignore_eos: bool = False, chat: bool = False, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float | None = None, seed: int | None = None
-                 ) -> Iterator[Delta | Result]:
+                 top_k: int = 0, top_p: float | None = None, seed: int | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0) -> Iterator[Delta | Result]:
         """Stream the committed text as ``Delta`` parts, then one ``Result``.
 
+        ``prompt``: text, token ids, or a conversation: a list of {"role", "content"} dicts
+        (system, user, assistant) rendered with the target's chat template.
+
         temperature 0 is greedy; top_p None and top_k 0 leave the distribution untruncated;
-        seed None lets the coordinator pick one."""
+        seed None lets the coordinator pick one. ``logprobs``: each new token's logprob under
+        the target (``Delta.logprobs``, ``Result.logprobs``), with ``top_logprobs`` (0..5)
+        most likely alternatives."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         sampling = pb.SamplingParams(temperature=temperature, top_k=top_k)
@@ -168,24 +193,30 @@ class Client:
             sampling.seed = seed
         req = pb.GenerateRequest(mode=MODES[mode], max_new_tokens=max_new_tokens, gamma=gamma,
                                  gamma_max=gamma_max, stop=stop or [], ignore_eos=ignore_eos,
-                                 chat=chat, sampling=sampling)
+                                 chat=chat, sampling=sampling, logprobs=logprobs,
+                                 top_logprobs=top_logprobs)
         if isinstance(prompt, str):
             req.prompt = prompt
+        elif prompt and isinstance(prompt[0], dict):
+            req.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"])
+                                for m in prompt)
         else:
             req.prompt_ids.extend(prompt)
-        text, ids = [], []
+        text, ids, lps = [], [], []
         md: dict[str, str] = {}
         propagate.inject(md)  # a traced caller's span becomes the parent of pearl.generate
         for resp in self._stream(req, tuple(md.items()) + self.auth):
             if resp.HasField("stats"):
-                yield Result("".join(text), ids, mode, stats_from_pb(resp.stats))
+                yield Result("".join(text), ids, mode, stats_from_pb(resp.stats), lps)
                 return
             text.append(resp.text)
             ids.extend(resp.token_ids)
-            yield Delta(resp.text, list(resp.token_ids))
+            delta = Delta(resp.text, list(resp.token_ids), logprobs_from_pb(resp.logprobs))
+            lps.extend(delta.logprobs)
+            yield delta
         raise RuntimeError("the Generate stream ended without statistics")
 
-    def complete(self, prompt: str | list[int], **kw) -> Result:
+    def complete(self, prompt: str | list[int] | list[dict], **kw) -> Result:
         """Generate to the end and return the ``Result``."""
         for part in self.generate(prompt, **kw):
             if isinstance(part, Result):

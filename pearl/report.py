@@ -22,6 +22,15 @@ def fmt(value, spec: str) -> str:
         return str(value)
 
 
+def print_logprobs(logprobs) -> None:
+    """`pearl generate --logprobs N`: each new token's id and log-probability under the target,
+    and its N most likely alternatives."""
+    print(f"{'#':>4s} {'token':>7s} {'logprob':>9s}  top")
+    for i, lp in enumerate(logprobs):
+        top = "  ".join(f"{t}:{p:.3f}" for t, p in lp.top)
+        print(f"{i:4d} {lp.token_id:7d} {lp.logprob:9.4f}  {top}")
+
+
 def print_stats(stats: dict) -> None:
     print(f"-- {stats.get('mode', '?')} --")
     for name, spec in SUMMARY:

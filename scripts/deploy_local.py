@@ -21,8 +21,8 @@ Where podman 4.3 does not, this script bridges, and says so when it runs:
   cache is the emptyDir (fetched on first start) or a PersistentVolumeClaim.
 - Ports: podman 4.3 publishes every containerPort on the host, where the pods' metrics ports
   (9464 each) collide; pods reach each other's ports on the network without that, so the
-  containerPorts are dropped but the coordinator's gRPC port, published on 127.0.0.1:PORT (a
-  hostPort with hostIP).
+  containerPorts are dropped but the coordinator's gRPC and HTTP ports, published on
+  127.0.0.1:PORT and 127.0.0.1:HTTP_PORT (hostPorts with hostIP).
 - Not played: the OpenTelemetry collector and Jaeger (their images come from registries this
   machine cannot reach, so tracing is off: OTEL_TRACES_EXPORTER=none unless --set says
   otherwise), NetworkPolicies, PodDisruptionBudgets and the Namespace (no podman equivalents),
@@ -109,8 +109,9 @@ def is_pearl(dep: dict) -> bool:
     return any(c["image"].split("/")[-1].split(":")[0] == PEARL_IMAGE_NAME for c in containers)
 
 
-def play_objects(objs: list[dict], port: int, models_dir: Path,
-                 overrides: dict[str, str]) -> tuple[dict, list[tuple[dict, list[str]]], list[str]]:
+def play_objects(objs: list[dict], port: int, models_dir: Path, overrides: dict[str, str],
+                 http_port: int | None = None
+                 ) -> tuple[dict, list[tuple[dict, list[str]]], list[str]]:
     """(the ConfigMap, [(a Deployment to play, its Service aliases)], what was left out)."""
     configmaps = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ConfigMap"}
     pearl_cm = next(cm for name, cm in configmaps.items() if name.startswith("pearl-config"))
@@ -136,8 +137,9 @@ def play_objects(objs: list[dict], port: int, models_dir: Path,
             # podman 4.3 publishes every containerPort on the host (so the draft's and the target's
             # metrics ports, both 9464, would collide); pods reach each other's ports on the
             # network without it, so only the coordinator's gRPC port is kept, and published.
-            c["ports"] = [{**p, "hostPort": port, "hostIP": "127.0.0.1"} for p in c.get("ports", [])
-                          if name == "coordinator" and p["name"] == "grpc"]
+            published = {"grpc": port, "http": http_port} if name == "coordinator" else {}
+            c["ports"] = [{**p, "hostPort": published[p["name"]], "hostIP": "127.0.0.1"}
+                          for p in c.get("ports", []) if published.get(p.get("name"))]
             for m in c.get("volumeMounts", []):
                 m["name"] = f"{name}-{m['name']}"
         for v in spec.get("volumes", []):
@@ -245,7 +247,8 @@ def _up(args) -> None:
     cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("pearl-config"))
     data = {**cm["data"], **overrides}
     models_dir = fetch_models([data["DRAFT_MODEL"], data["TARGET_MODEL"]])
-    pearl_cm, played, left_out = play_objects(objs, args.port, models_dir, overrides)
+    pearl_cm, played, left_out = play_objects(objs, args.port, models_dir, overrides,
+                                              args.http_port)
     images = {c["image"] for d, _ in played for c in d["spec"]["template"]["spec"]["containers"]}
     for image in images:
         if run("podman", "image", "exists", image, check=False).returncode:
@@ -275,8 +278,12 @@ def _up(args) -> None:
     address = f"127.0.0.1:{args.port}"
     if not grpc_health(address, "pearl.v1.Coordinator", 5):
         raise SystemExit(f"deploy-local: the coordinator is ready on its pod IP but not on {address}")
-    say(f"up in {time.monotonic() - t0:.0f} s; the coordinator is at {address}:\n"
-        f"  .venv/bin/pearl generate 'def fib(n):' --coordinator {address}")
+    say(f"up in {time.monotonic() - t0:.0f} s; the coordinator is at {address} (gRPC) and "
+        f"http://127.0.0.1:{args.http_port}/v1 (OpenAI API):\n"
+        f"  .venv/bin/pearl generate 'def fib(n):' --coordinator {address}\n"
+        f"  curl -N http://127.0.0.1:{args.http_port}/v1/completions -H 'Content-Type: "
+        f"application/json' -d '{{\"model\": \"{data['TARGET_MODEL']}\", \"prompt\": "
+        f"\"def fib(n):\", \"max_tokens\": 32, \"stream\": true}}'")
 
 
 def down(args) -> None:
@@ -301,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--overlay", default="cpu-dev")
         p.add_argument("--port", type=int, default=int(os.environ.get("LOCAL_PORT", 50050)),
                        help="the coordinator's port on 127.0.0.1 (env LOCAL_PORT)")
+        p.add_argument("--http-port", type=int, default=int(os.environ.get("LOCAL_HTTP_PORT", 8000)),
+                       help="the coordinator's HTTP (OpenAI API) port on 127.0.0.1 "
+                            "(env LOCAL_HTTP_PORT)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a pearl-config key (e.g. DTYPE=float32)")
         p.add_argument("--timeout", type=float, default=1200, help="seconds to wait for readiness")
@@ -312,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "down":
         down(args)
     else:
-        _, played, _ = play_objects(render(args.overlay), args.port, Path("/models"), dict(LOCAL_DEFAULTS))
+        _, played, _ = play_objects(render(args.overlay), args.port, Path("/models"),
+                                    dict(LOCAL_DEFAULTS), args.http_port)
         print(yaml.safe_dump_all([d for d, _ in played], sort_keys=False))
 
 

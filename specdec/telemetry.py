@@ -170,6 +170,9 @@ class Metrics:
                             explicit_bucket_boundaries_advisory=WAIT_SECONDS,
                             description="Time an engine step waited for the sessions of the last "
                                         "step to come back (--max-batch-wait-ms)")
+        self.http_requests = c("pearl_http_requests",
+                               description="HTTP requests answered by the OpenAI-compatible "
+                                           "front, by route and status")
         self.active_sessions = m.create_up_down_counter(
             "pearl_active_sessions", description="Sessions (coordinator: requests) open now")
 

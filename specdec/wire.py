@@ -1,8 +1,10 @@
-"""Protobuf <-> core types for what the services share: sampling parameters and distributions."""
+"""Protobuf <-> core types for what the services share: sampling parameters, distributions and
+log-probabilities."""
 
 import numpy as np
 
 from protos.v1 import pearl_pb2 as pb
+from specdec.logprobs import TokenLogprob
 from specdec.sampling import Sampling, WireDist
 
 
@@ -39,3 +41,12 @@ def dist_from_pb(m: pb.TokenDistribution, vocab: int) -> WireDist:
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.astype(np.float64).sum() <= 0:
         raise ValueError("q.probs_f16 must be finite, non-negative and not all zero")
     return WireDist(ids, w)
+
+
+def logprob_to_pb(t: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob,
+                           top_ids=[i for i, _ in t.top], top_logprobs=[v for _, v in t.top])
+
+
+def logprob_from_pb(m: pb.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(m.token_id, m.logprob, tuple(zip(m.top_ids, m.top_logprobs)))

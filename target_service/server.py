@@ -23,7 +23,7 @@ from specdec.limits import idle_limited
 from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
 from specdec.telemetry import Telemetry
-from specdec.wire import dist_from_pb, sampling_from_pb
+from specdec.wire import dist_from_pb, logprob_to_pb, sampling_from_pb
 from target_service.hidden_transfer.layers import Transfer
 from target_service.hidden_transfer.session import HiddenTransferSession
 from target_service.hidden_transfer.tree import chain_paths, tree_paths
@@ -40,7 +40,7 @@ def to_pb(v: Verdict, window_id: int, phase: str) -> pearl_pb2.VerifyResponse:
         committed=v.committed, forward_ns=v.forward_ns, started_unix_ns=v.started_unix_ns,
         window_id=window_id, phase=phase, input_tokens=v.input_tokens,
         accepted_ids=v.accepted_ids, batch_rows=v.batch_rows, batch_tokens=v.batch_tokens,
-        queue_ns=v.queue_ns))
+        queue_ns=v.queue_ns, logprobs=[logprob_to_pb(t) for t in v.logprobs]))
 
 
 class Unavailable(Exception):
@@ -94,6 +94,9 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
             sampling = sampling_from_pb(start.sampling)
         except ValueError as e:
             raise ProtocolError(f"start.sampling: {e}") from None
+        if start.top_logprobs and not start.logprobs:
+            raise ProtocolError("start.top_logprobs needs start.logprobs")
+        logprobs = start.top_logprobs if start.logprobs else None
         model, prompt = self.loaded.model, list(start.prompt_ids)
         max_positions = model.config.max_position_embeddings
         if start.hidden_transfer:
@@ -101,8 +104,8 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
                 raise Unavailable("start.hidden_transfer: this target service has no transfer "
                                   "layers (pearl transfer train, then serve with --transfer)")
             return HiddenTransferSession(self.engine, self.transfer.layers, self.paths, prompt,
-                                         max_positions, sampling)
-        return TargetSession(self.engine, prompt, max_positions, sampling)
+                                         max_positions, sampling, logprobs)
+        return TargetSession(self.engine, prompt, max_positions, sampling, logprobs)
 
     async def Verify(self, request_iterator, context):
         session: TargetSession | None = None

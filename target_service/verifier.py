@@ -5,6 +5,9 @@ accepted draft tokens and, when it chooses one, its own next token (a correction
 first token). When it chooses none (a fully accepted window in pearl), it keeps the distribution
 of the next position ("held"), so the draft's token there can be judged without a forward pass
 and every position is decided by the same rule whatever window it arrived in.
+
+When the session asks for them, each verdict carries the log-probability of every token it
+commits, from the same logits that decided the token (specdec/logprobs.py).
 """
 
 from dataclasses import dataclass, field
@@ -14,6 +17,7 @@ import torch
 from specdec.acceptance import choose, judge
 from specdec.engine import Engine, engine_for
 from specdec.kv import Forward, ProtocolError, check_ids, check_prompt
+from specdec.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
 from specdec.sampling import Sampling, WireDist
 
 
@@ -31,6 +35,7 @@ class Verdict:
     batch_rows: int = 0  # sessions in the engine step of the forward pass (0: none ran)
     batch_tokens: int = 0  # tokens fed in that step
     queue_ns: int = 0  # time the forward waited for its step
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per committed token, if asked
 
     def timed(self, f: Forward) -> "Verdict":
         """This verdict with the timing of the forward pass ``f``."""
@@ -40,13 +45,24 @@ class Verdict:
         return self
 
 
+def check_logprobs(logprobs: int | None) -> None:
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ProtocolError(f"start.top_logprobs={logprobs} is out of range: "
+                            f"0..{MAX_TOP_LOGPROBS}")
+
+
 class TargetSession:
     def __init__(self, model: torch.nn.Module | Engine, prompt_ids: list[int],
-                 max_positions: int, sampling: Sampling = Sampling()):
+                 max_positions: int, sampling: Sampling = Sampling(),
+                 logprobs: int | None = None):
+        """``logprobs``: None, or report each committed token's logprob with that many top
+        alternatives."""
         engine = engine_for(model)
         check_prompt(prompt_ids, engine.model.config.vocab_size, max_positions)
+        check_logprobs(logprobs)
         self.max_positions = max_positions
         self.sampling = sampling
+        self.logprobs = logprobs
         self.seq = engine.sequence(prompt_ids, "verify")
         self.held: torch.Tensor | None = None  # logits [vocab] of position len(seq), if kept
         self.started = False
@@ -62,7 +78,8 @@ class TargetSession:
             self.seq.extend([token])
         else:
             self.held = f.logits[-1]
-        return Verdict(position, 0, 0, token, len(self.seq)).timed(f)
+        v = Verdict(position, 0, 0, token, len(self.seq)).timed(f)
+        return self._scored(v, f.logits[-1:], [] if token is None else [token])
 
     def close(self) -> None:
         """Give the session's KV slots back to the engine."""
@@ -73,12 +90,14 @@ class TargetSession:
         """Judge ``draft`` for positions position.. and commit the verdict."""
         self._check(position, draft, qs, held)
         if not draft and self.held is not None:  # the target alone, from the kept distribution
+            logits = self.held[None]
             token = choose(self.held, self.sampling, position)
             self.held = None
             self.seq.extend([token])  # committed, not yet fed
-            return Verdict(position, 0, 0, token, len(self.seq))
+            return self._scored(Verdict(position, 0, 0, token, len(self.seq)), logits, [token])
         if held:  # one token, judged with the kept distribution: no forward pass
-            accepted, token = judge(self.held[None], draft, qs, self.sampling, position, False)
+            logits = self.held[None]
+            accepted, token = judge(logits, draft, qs, self.sampling, position, False)
             self.held = None
             self.seq.extend(draft if accepted else [token])  # committed, not yet fed
             f = None
@@ -98,7 +117,16 @@ class TargetSession:
             else:  # all accepted and no bonus: keep the next position's distribution
                 self.held = logits[-1]
         v = Verdict(position, len(draft), accepted, token, len(self.seq))
-        return v.timed(f) if f is not None else v
+        v = v.timed(f) if f is not None else v
+        # logits[i] decided position + i: the accepted drafts, then the target's own token
+        return self._scored(v, logits, draft[:accepted] + ([] if token is None else [token]))
+
+    def _scored(self, v: Verdict, logits: torch.Tensor, committed: list[int]) -> Verdict:
+        """``v`` with the logprobs of the ``committed`` ids (row i of ``logits`` decided
+        committed[i]), when the session asked for them."""
+        if self.logprobs is not None:
+            v.logprobs = token_logprobs(logits, committed, self.sampling, self.logprobs)
+        return v
 
     def _check(self, position: int, draft: list[int], qs: list[WireDist], held: bool) -> None:
         if not self.started:

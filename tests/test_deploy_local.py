@@ -64,12 +64,14 @@ def deployed():
     built_s = time.monotonic() - t0
     deploy_local.down(None)  # a deployment left by an interrupted run
     before = made_by_podman()
-    port = free_port()
+    port, http_port = free_port(), free_port()
     t0 = time.monotonic()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "deploy_local.py"), "up", "--port",
-                    str(port), "--set", "DTYPE=float32", "--timeout", "900"], check=True)
+                    str(port), "--http-port", str(http_port), "--set", "DTYPE=float32",
+                    "--timeout", "900"], check=True)
     up_s = time.monotonic() - t0
-    info = {"address": f"127.0.0.1:{port}", "before": before, "t_up": t0}
+    info = {"address": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{http_port}",
+            "before": before, "t_up": t0}
     try:
         with Client(info["address"], timeout_s=300) as c:
             for part in c.generate(humaneval_prompt(2), mode="ar", max_new_tokens=1):
@@ -99,6 +101,25 @@ def test_every_mode_gives_the_targets_tokens(deployed, reference, mode):
         assert r.stats["acceptance_rate"] > 0.5, r.stats
     if mode == "pearl":  # drafting and verifying overlapped across the two containers
         assert r.stats["overlap_ratio"] > 0 and r.stats["both_busy_s"] > 0, r.stats
+
+
+def test_openai_api_through_the_published_port(deployed):
+    """curl -N, as a user types it, against the coordinator container's HTTP port."""
+    model = "qwen2.5-coder-1.5b-instruct"
+    out = subprocess.run(
+        ["curl", "-sS", "-N", f"{deployed['http']}/v1/completions", "-H",
+         "Content-Type: application/json", "-d",
+         json.dumps({"model": model, "prompt": humaneval_prompt(2), "max_tokens": N,
+                     "stream": True, "stream_options": {"include_usage": True}})],
+        capture_output=True, text=True, timeout=600, check=True).stdout
+    events = [line[len("data: "):] for line in out.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", out[-500:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    with Client(deployed["address"], timeout_s=600) as c:
+        assert text == c.complete(humaneval_prompt(2), mode="pearl", max_new_tokens=N).text
+    assert chunks[-1]["usage"]["completion_tokens"] == N
+    assert chunks[-1]["metrics"]["mode"] == "pearl" and not chunks[-1]["metrics"]["fell_back"]
 
 
 def expected_args(role: str) -> list[str]:

@@ -223,9 +223,12 @@ def test_args_ports_and_probes_match_the_cli(overlay, role):
     dep = role_deployment(objs, role)
     c = the_container(dep)
     ports = {p.get("name"): p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": port, "metrics": a.metrics_port}, \
-        f"{role}: containerPorts {c['ports']} but `pearl serve` listens on {port} (gRPC) and " \
-        f"{a.metrics_port} (--metrics-port)"
+    listens = {"grpc": port, "metrics": a.metrics_port}
+    if a.http_port is not None:
+        listens["http"] = int(a.http_port)
+    assert ports == listens, \
+        f"{role}: containerPorts {c['ports']} but `pearl serve` listens on {listens}"
+    assert (a.http_port is not None) == (role == "coordinator"), "HTTP is the coordinator's"
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = c.get(kind)
         assert probe and "grpc" in probe, f"{role}: no gRPC {kind}"
@@ -240,7 +243,9 @@ def test_args_ports_and_probes_match_the_cli(overlay, role):
     assert len(services) == 1, f"{role}: {len(services)} Services select its pods"
     for sp in services[0]["spec"]["ports"]:
         target = sp.get("targetPort", sp["port"])
-        assert named.get(target, target) == port, f"{role}: Service port {sp} misses {port}"
+        want = named.get(sp["name"])
+        assert named.get(target, target) == want and want in (port, named.get("http")), \
+            f"{role}: Service port {sp} misses the {sp['name']} port {want}"
 
 
 def namespace_of(obj) -> str:
@@ -546,14 +551,16 @@ def test_prometheus_scrapes_the_metrics_port_and_only_prometheus_may(overlay, ro
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_clients_reach_the_coordinator_and_it_reaches_out(overlay):
     objs = render(overlay)
-    port = listen_port(parse_serve(objs, "coordinator"))
+    a = parse_serve(objs, "coordinator")
+    ports = [listen_port(a), int(a.http_port)]
     labels = pod_labels(role_deployment(objs, "coordinator"))
     rules = [r for p in ingress_policies_for(objs, labels) for r in p["spec"].get("ingress", [])]
-    assert any(not r.get("from") and port in [p.get("port") for p in r.get("ports", [])]
-               for r in rules), f"no policy lets clients reach the coordinator on {port}"
-    for r in rules:  # what anyone may reach is the gRPC port alone
+    for port in ports:
+        assert any(not r.get("from") and port in [p.get("port") for p in r.get("ports", [])]
+                   for r in rules), f"no policy lets clients reach the coordinator on {port}"
+    for r in rules:  # what anyone may reach is the gRPC and the HTTP port alone
         if not r.get("from"):
-            assert [p.get("port") for p in r.get("ports", [])] == [port], \
+            assert [p.get("port") for p in r.get("ports", [])] == ports, \
                 f"clients may reach the coordinator on {r.get('ports', 'every port')}"
     for pol in of_kind(objs, "NetworkPolicy"):
         if selects(pol["spec"]["podSelector"], labels):

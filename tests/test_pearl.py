@@ -53,7 +53,8 @@ def test_stale_proposals_are_dropped_and_modes_switch():
         settle = lambda: asyncio.sleep(0.01)
 
         await settle()
-        assert target.calls[0] == ("start", "s", [1, 2, 3, 4], "S", False, False)  # no first token
+        # no first token, no logprobs
+        assert target.calls[0] == ("start", "s", [1, 2, 3, 4], "S", False, False, None)
         assert draft.calls[0] == ("start", "s", [1, 2, 3, 4], 1, L + 3, "S")
         put("target", verdict(L, 0, 0, phase="start"))  # the target holds position L
         await settle()

@@ -170,7 +170,7 @@ class DraftResponse(_message.Message):
     def __init__(self, proposal: _Optional[_Union[DraftProposal, _Mapping]] = ...) -> None: ...
 
 class VerifyStart(_message.Message):
-    __slots__ = ("session_id", "prompt_ids", "sampling", "first_token", "trace_context", "hidden_transfer")
+    __slots__ = ("session_id", "prompt_ids", "sampling", "first_token", "trace_context", "hidden_transfer", "logprobs", "top_logprobs")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,13 +184,17 @@ class VerifyStart(_message.Message):
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     first_token: bool
     trace_context: _containers.ScalarMap[str, str]
     hidden_transfer: bool
-    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., first_token: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., hidden_transfer: _Optional[bool] = ...) -> None: ...
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., first_token: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., hidden_transfer: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class VerifyWindow(_message.Message):
     __slots__ = ("position", "draft_ids", "q", "window_id", "phase", "bonus", "held")
@@ -225,7 +229,7 @@ class VerifyRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[VerifyStart, _Mapping]] = ..., window: _Optional[_Union[VerifyWindow, _Mapping]] = ..., stop: _Optional[_Union[VerifyStop, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("position", "verified", "accepted", "token_id", "committed", "forward_ns", "started_unix_ns", "window_id", "phase", "input_tokens", "has_token", "accepted_ids", "batch_rows", "batch_tokens", "queue_ns")
+    __slots__ = ("position", "verified", "accepted", "token_id", "committed", "forward_ns", "started_unix_ns", "window_id", "phase", "input_tokens", "has_token", "accepted_ids", "batch_rows", "batch_tokens", "queue_ns", "logprobs")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +245,7 @@ class VerifyResult(_message.Message):
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     position: int
     verified: int
     accepted: int
@@ -256,7 +261,8 @@ class VerifyResult(_message.Message):
     batch_rows: int
     batch_tokens: int
     queue_ns: int
-    def __init__(self, position: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., committed: _Optional[int] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., input_tokens: _Optional[int] = ..., has_token: _Optional[bool] = ..., accepted_ids: _Optional[_Iterable[int]] = ..., batch_rows: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., queue_ns: _Optional[int] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, position: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., committed: _Optional[int] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., input_tokens: _Optional[int] = ..., has_token: _Optional[bool] = ..., accepted_ids: _Optional[_Iterable[int]] = ..., batch_rows: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., queue_ns: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("result",)
@@ -265,7 +271,7 @@ class VerifyResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[VerifyResult, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_ids", "mode", "max_new_tokens", "sampling", "gamma", "gamma_max", "stop", "ignore_eos", "chat")
+    __slots__ = ("prompt", "prompt_ids", "mode", "max_new_tokens", "sampling", "gamma", "gamma_max", "stop", "ignore_eos", "chat", "messages", "logprobs", "top_logprobs")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +282,9 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     mode: Mode
@@ -286,7 +295,30 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
     chat: bool
-    def __init__(self, prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., gamma: _Optional[int] = ..., gamma_max: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., gamma: _Optional[int] = ..., gamma_max: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob", "top_ids", "top_logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ForwardTimes(_message.Message):
     __slots__ = ("count", "seconds")
@@ -380,14 +412,16 @@ class GenerateStats(_message.Message):
     def __init__(self, new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_forwards: _Optional[int] = ..., draft_forwards: _Optional[int] = ..., tokens_per_target_forward: _Optional[float] = ..., mean_accepted_tokens: _Optional[float] = ..., per_position_acceptance: _Optional[_Iterable[float]] = ..., gamma_history: _Optional[_Iterable[int]] = ..., draft_length_histogram: _Optional[_Mapping[int, int]] = ..., both_busy_s: _Optional[float] = ..., target_idle_s: _Optional[float] = ..., draft_idle_s: _Optional[float] = ..., overlap_ratio: _Optional[float] = ..., stale_proposals: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., mode: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., fell_back: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., prefill_s: _Optional[float] = ..., target_forward_times: _Optional[_Mapping[int, ForwardTimes]] = ..., draft_forward_times: _Optional[_Mapping[int, ForwardTimes]] = ..., queue_wait_s: _Optional[float] = ..., mean_target_batch: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "stats")
+    __slots__ = ("text", "token_ids", "stats", "logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     stats: GenerateStats
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

@@ -11,9 +11,10 @@ Each step is one forward pass over a token tree:
 Then the walk: from the root, the model chooses its own token at the next position from the
 node's logits (argmax, or a draw keyed to (seed, position) exactly as in ar); when a child holds
 that token the walk moves to it, otherwise the chosen token becomes the next root. The committed
-tokens are therefore exactly what the model alone would produce, greedy or seeded sampling. The
-KV cache is cut back to the prefix plus the walked nodes (compaction), and the drafts of the
-last walked node seed the next tree.
+tokens are therefore exactly what the model alone would produce, greedy or seeded sampling, and
+their logprobs (when asked for) come from the node logits that chose them. The KV cache is cut
+back to the prefix plus the walked nodes (compaction), and the drafts of the last walked node
+seed the next tree.
 
 The tree runs as one row of the target's batched engine step (specdec/batch_forward.py: a row
 with a tree mask and pseudo tokens from layer L on), beside other sessions' verify windows.
@@ -27,16 +28,17 @@ from specdec.acceptance import choose
 from specdec.batch_forward import Pseudo
 from specdec.engine import Engine, engine_for
 from specdec.kv import ProtocolError, check_prompt
+from specdec.logprobs import token_logprobs
 from specdec.sampling import Sampling
 from target_service.hidden_transfer.layers import TransferLayers
 from target_service.hidden_transfer.tree import tree_masks
-from target_service.verifier import Verdict
+from target_service.verifier import Verdict, check_logprobs
 
 
 class HiddenTransferSession:
     def __init__(self, model: torch.nn.Module | Engine, transfer: TransferLayers,
                  paths: list[tuple[int, ...]], prompt_ids: list[int], max_positions: int,
-                 sampling: Sampling = Sampling()):
+                 sampling: Sampling = Sampling(), logprobs: int | None = None):
         engine = engine_for(model)
         if not engine.batched:
             raise ValueError("hidden transfer runs on the batched engine: Llama-family models "
@@ -47,8 +49,10 @@ class HiddenTransferSession:
                              f"the transfer layers draft k={transfer.k}")
         self.transfer, self.paths = transfer, paths
         self.k = max((len(p) for p in paths), default=1)  # pseudo tokens the tree needs
+        check_logprobs(logprobs)
         self.max_positions = max_positions
         self.sampling = sampling
+        self.logprobs = logprobs  # None, or top alternatives per committed token's logprob
         self.seq = engine.sequence(prompt_ids, "verify")
         self.ids = self.seq.ids  # committed; ids[-1] is the root (not fed yet) once started
         self.drafts: torch.Tensor | None = None  # [k, vocab]: the root's draft logits
@@ -134,6 +138,9 @@ class HiddenTransferSession:
         v = Verdict(position, drafted, len(accepted), token, len(self.ids),
                     accepted_ids=accepted).timed(f)
         v.input_tokens = n * (1 + k)  # every node and its pseudo tokens
+        if self.logprobs is not None:  # each walked node's logits chose the next token
+            v.logprobs = token_logprobs(node_logits[walked], accepted + [token], self.sampling,
+                                        self.logprobs)
         return v
 
     def _tree(self, paths: list[tuple[int, ...]]) -> tuple[list[int], list[int], list[int]]:

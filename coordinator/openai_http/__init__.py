@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front of the coordinator (issue 28; docs/design.md section 14)."""
