@@ -152,6 +152,32 @@ def test_generate_chat_applies_the_template(chat_cluster, chat_target, tiny_targ
     assert got["token_ids"] != plain  # the template made a difference
 
 
+def test_generate_sends_a_conversation_and_prints_logprobs(chat_cluster, chat_target,
+                                                           tiny_target, tmp_path, capsys):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = tmp_path / "turns.json"
+    path.write_text(json.dumps(turns))
+    cli.main(["generate", "again", "--coordinator", chat_cluster.address, "--system", "terse",
+              "--messages", str(path), "--max-new-tokens", "6", "--ignore-eos", "--json",
+              "--logprobs", "2"])
+    got = json.loads(capsys.readouterr().out)
+    conversation = [{"role": "system", "content": "terse"}, *turns,
+                    {"role": "user", "content": "again"}]
+    ids = list(chat_target.tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert got["prompt_tokens"] == len(ids)
+    assert got["token_ids"] == greedy_reference(tiny_target, ids, 6)
+    assert [lp["token_id"] for lp in got["logprobs"]] == got["token_ids"]
+    assert all(len(lp["top"]) == 2 for lp in got["logprobs"])
+    cli.main(["generate", "again", "--coordinator", chat_cluster.address, "--chat",
+              "--max-new-tokens", "3", "--logprobs", "1"])
+    out = capsys.readouterr().out
+    assert "logprob" in out and len([ln for ln in out.splitlines() if ln[:4].strip().isdigit()]) >= 3
+    path.write_text('{"role": "user"}')
+    with pytest.raises(SystemExit, match="want a JSON list"):
+        cli.main(["generate", "x", "--coordinator", chat_cluster.address, "--messages", str(path)])
+
+
 # -- TLS flags through the parser -----------------------------------------------------------------
 
 
