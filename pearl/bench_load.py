@@ -7,6 +7,11 @@ different HumanEval prompt. Contenders:
 - ``ar``, ``sd``, ``pearl``, ``hidden-transfer``: the real services through the public gRPC API
   (Coordinator.Generate), one client (its own channel) per thread; processes on loopback as in
   the one-request bench (draft on the first CPU, target on the last, one thread each).
+- ``pearl-http``: pearl through the coordinator's OpenAI-compatible HTTP front (streamed
+  /v1/completions with the same prompt token ids, one connection per client). HTTP streams text,
+  not token ids: its records hold the text and the count the usage chunk gives, and a record is
+  identical to the reference when both equal the reference's tokens decoded as the coordinator
+  decodes them.
 - ``hf-padded-1t`` / ``hf-padded-all``: transformers' ``generate`` of the target alone in this
   process, the c clients' requests left-padded into one batch per round (the round ends when
   its longest row does), one thread on the target's CPU, or all cores.
@@ -16,7 +21,8 @@ different HumanEval prompt. Contenders:
 
 Contenders are interleaved: at each concurrency every contender runs once, in an order rotated
 from one concurrency to the next. Per contender and concurrency: aggregate tok/s (all new tokens
-/ the phase's wall time), per-request latency p50/p99, time to first token p50/p99. Output: JSON,
+/ the phase's wall time), per-request latency p50/p99, time to first token (TTFT) and time per
+output token after it (TPOT: (end - first token) / (tokens - 1)) p50/p99. Output: JSON,
 a chart of throughput against concurrency, a Markdown table and the goals of issue 12. Each
 service request keeps its engine statistics (queue wait, mean target batch, window history).
 Every greedy request whose tokens differ from ar's on the same prompt (alone, at concurrency 1,
@@ -51,8 +57,11 @@ from pearl.bench import DEFAULT_MODELS, SERVICE, load_prompts, pct, rss_mb, untr
 from pearl.bench_run import replay_args, replay_note, write_references
 
 HF = ("hf-padded-1t", "hf-padded-all", "hf-cb-1t", "hf-cb-all")
-DRAFTING = ("sd", "pearl", "hidden-transfer")  # the contenders whose acceptance means something
-CONTENDERS = SERVICE + HF
+HTTP = {"pearl-http": "pearl"}  # contenders through the coordinator's HTTP front: their mode
+SERVED = SERVICE + tuple(HTTP)  # through the services
+DRAFTING = ("sd", "pearl", "hidden-transfer", "pearl-http")  # whose acceptance means something
+CONTENDERS = SERVED + HF
+HTTP_GOAL = 0.98  # pearl-http / pearl aggregate tok/s at the highest concurrency
 DEFAULTS = {"max_new_tokens": 48, "contenders": ",".join(CONTENDERS)}
 DEFAULT_JSON = "docs/data/bench-load.json"
 DEFAULT_CHART = "docs/bench-load.png"
@@ -136,12 +145,17 @@ def plan(c: int, client: int, n_prompts: int, per_client: int, deadline: float |
         j += 1
 
 
-def record(contender: str, c: int, client: int, prompt: dict, tokens: list[int], start: float,
-           first: float | None, end: float, **extra) -> dict:
+def record(contender: str, c: int, client: int, prompt: dict, tokens: list[int] | int,
+           start: float, first: float | None, end: float, **extra) -> dict:
+    """``tokens``: the new token ids, or their count where only text came back (HTTP; then
+    ``token_ids`` is None). TPOT: the time per new token after the first."""
+    n = tokens if isinstance(tokens, int) else len(tokens)
     return {"contender": contender, "concurrency": c, "client": client, "prompt": prompt["index"],
-            "prompt_tokens": len(prompt["ids"]), "new_tokens": len(tokens), "token_ids": tokens,
+            "prompt_tokens": len(prompt["ids"]), "new_tokens": n,
+            "token_ids": None if isinstance(tokens, int) else tokens,
             "start": start, "end": end, "latency_s": end - start,
-            "ttft_s": None if first is None else first - start, **extra}
+            "ttft_s": None if first is None else first - start,
+            "tpot_s": None if first is None or n < 2 else (end - first) / (n - 1), **extra}
 
 
 # -- service contenders ---------------------------------------------------------------------------
@@ -163,14 +177,95 @@ def service_phase(address: str, mode: str, c: int, prompts: list[dict], m: int, 
             p, first, stats = prompts[k], None, {}
             start = time.perf_counter()
             ids: list[int] = []
+            text: list[str] = []
             for part in clients[i].generate(p["ids"], mode=mode, max_new_tokens=m, gamma=g):
                 if isinstance(part, Delta):
                     if part.token_ids and first is None:
                         first = time.perf_counter()
                     ids += part.token_ids
+                    text.append(part.text)
                 else:
                     stats = part.stats
             out.append(record(mode, c, i, p, ids, start, first, time.perf_counter(),
+                              text="".join(text), **{k: stats.get(k) for k in SERVICE_STATS}))
+        return out
+
+    try:
+        with ThreadPoolExecutor(c) as ex:
+            return [r for rs in ex.map(run, range(c)) for r in rs]
+    finally:
+        for cl in clients:
+            cl.close()
+
+
+# -- HTTP contenders ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port free now, for the coordinator's --http-port (its port file holds the gRPC port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_client(url: str):
+    import httpx
+
+    return httpx.Client(base_url=url, timeout=httpx.Timeout(900.0), trust_env=False)
+
+
+def http_model(url: str) -> str:
+    """The model name the HTTP front serves (GET /v1/models)."""
+    with http_client(url) as cl:
+        return cl.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+
+
+def http_completion(cl, body: dict) -> tuple[str, float | None, dict]:
+    """One streamed /v1/completions: the text, when its first text came (the front sends no
+    chunk for ids whose text it holds back, an incomplete UTF-8 character) and the last chunks'
+    finish_reason, usage and metrics."""
+    text, first, tail, event = [], None, {}, None
+    with cl.stream("POST", "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if event == "error":
+                raise RuntimeError(f"HTTP stream error: {line[len('data: '):]}")
+            chunk = json.loads(line[len("data: "):])
+            for choice in chunk["choices"]:
+                if choice["text"] and first is None:
+                    first = time.perf_counter()
+                text.append(choice["text"])
+                tail["finish_reason"] = choice["finish_reason"] or tail.get("finish_reason")
+            tail.update({k: chunk[k] for k in ("usage", "metrics") if k in chunk})
+    return "".join(text), first, tail
+
+
+def http_phase(url: str, model: str, name: str, c: int, prompts: list[dict], m: int,
+               per_client: int, duration: float | None) -> list[dict]:
+    """As :func:`service_phase`, through the HTTP front: the same prompt ids and settings, greedy,
+    no logprobs (they would add work to the target's steps); each client its own connection."""
+    clients = [http_client(url) for _ in range(c)]
+    barrier = threading.Barrier(c)
+
+    def run(i: int) -> list[dict]:
+        out = []
+        barrier.wait()
+        deadline = None if duration is None else time.perf_counter() + duration
+        for k in plan(c, i, len(prompts), per_client, deadline):
+            p = prompts[k]
+            body = {"model": model, "prompt": p["ids"], "max_tokens": m, "stream": True,
+                    "mode": HTTP[name], "stream_options": {"include_usage": True}}
+            start = time.perf_counter()
+            text, first, tail = http_completion(clients[i], body)
+            stats = {**tail.get("metrics", {}), "finish_reason": tail.get("finish_reason")}
+            out.append(record(name, c, i, p, tail["usage"]["completion_tokens"], start, first,
+                              time.perf_counter(), text=text,
                               **{k: stats.get(k) for k in SERVICE_STATS}))
         return out
 
@@ -371,11 +466,12 @@ def summarize(recs: list[dict]) -> dict:
     new = sum(r["new_tokens"] for r in recs)
     lat = [r["latency_s"] for r in recs]
     ttft = [r["ttft_s"] for r in recs if r["ttft_s"] is not None]
+    tpot = [r["tpot_s"] for r in recs if r.get("tpot_s") is not None]
     s = {"requests": len(recs), "new_tokens": new, "wall_s": wall,
          "tokens_per_s": new / wall if wall > 0 else 0.0,
          "latency_p50_s": pct(lat, .5), "latency_p99_s": pct(lat, .99),
          "latency_mean_s": statistics.mean(lat), "ttft_p50_s": pct(ttft, .5),
-         "ttft_p99_s": pct(ttft, .99),
+         "ttft_p99_s": pct(ttft, .99), "tpot_p50_s": pct(tpot, .5), "tpot_p99_s": pct(tpot, .99),
          "per_request_tokens_per_s": statistics.mean(r["new_tokens"] / r["latency_s"]
                                                      for r in recs if r["latency_s"] > 0)}
     if any(r.get("identical") is not None for r in recs):
@@ -405,20 +501,28 @@ def references(records: list[dict], reference: str | None) -> dict[int, dict]:
     return ref
 
 
-def mark_identical(records: list[dict], reference: str | None) -> None:
+def mark_identical(records: list[dict], reference: str | None, decode=None) -> None:
     """Greedy tokens (every request of the load phases is greedy) against the reference's on the
     same prompt (:func:`references`; the reference's own batched requests are compared with it
     alone too): ``identical`` and ``first_difference``, None where there is nothing to compare
-    with."""
+    with. A record with text and no ids (HTTP) is identical when its text equals ``decode`` of
+    the reference's ids and it has as many tokens; its ``first_difference`` is a character."""
     from pearl.bench_run import first_difference
 
     ref = references(records, reference)
     for r in records:
         base = ref.get(r["prompt"])
-        own = base is None or base is r
-        r["identical"] = None if own else r["token_ids"] == base["token_ids"]
-        r["first_difference"] = (None if own else
-                                 first_difference(r["token_ids"], base["token_ids"]))
+        if base is None or base is r:
+            r["identical"] = r["first_difference"] = None
+        elif r["token_ids"] is None:
+            theirs = decode(base["token_ids"])
+            r["identical"] = r["text"] == theirs and r["new_tokens"] == base["new_tokens"]
+            at = first_difference(r["text"], theirs)  # None: the same text, not as many tokens
+            r["first_difference"] = (None if r["identical"] else
+                                     len(theirs) if at is None else at)
+        else:
+            r["identical"] = r["token_ids"] == base["token_ids"]
+            r["first_difference"] = first_difference(r["token_ids"], base["token_ids"])
 
 
 def mark_divergences(records: list[dict], reference: str | None,
@@ -443,7 +547,11 @@ def mark_divergences(records: list[dict], reference: str | None,
         mine, theirs = r["token_ids"], base["token_ids"]
         where = {"position": d, "reference": reference,
                  "reference_concurrency": base["concurrency"]}
-        if d < min(len(mine), len(theirs)):
+        if mine is None:  # HTTP: text, no ids to weigh
+            where.update(near_tie=None, margin=None, noise=None,
+                         note=f"text over HTTP differs at character {d} ({r['new_tokens']} vs "
+                              f"{len(theirs)} tokens); no token ids to weigh")
+        elif d < min(len(mine), len(theirs)):
             where.update(margin(prompt_ids[r["prompt"]], mine[:d], theirs[d], mine[d]))
         else:
             where.update(near_tie=None, margin=None, noise=None,
@@ -560,6 +668,12 @@ def goals(phases: dict, concurrency: list[int], rss: dict | None) -> list[dict]:
     goal("pearl p99 latency at 8 concurrent / one request alone (p50 at 1)",
          p99 / alone if p99 and alone else None, 3.0, f"{p99 or 0:.2f} s / {alone or 0:.2f} s",
          "needs pearl at concurrency 1 and 8", at_most=True)
+    if "pearl" in phases and "pearl-http" in phases and concurrency:
+        hi = max(concurrency)
+        h, r = rate(phases, "pearl-http", hi), rate(phases, "pearl", hi)
+        goal(f"pearl-http / pearl (HTTP against gRPC) at {hi} concurrent",
+             h / r if h and r else None, HTTP_GOAL, f"{h or 0:.2f} / {r or 0:.2f} tok/s",
+             f"needs pearl and pearl-http at concurrency {hi}")
     if rss and rss.get("growth"):
         worst = max(rss["growth"], key=lambda k: rss["growth"][k])
         figs = ", ".join(f"{k} {rss['after_first_mb'][k]:.0f} -> {rss['at_end_mb'][k]:.0f} MB"
@@ -705,7 +819,7 @@ def markdown(phases: dict, concurrency: list[int]) -> str:
     hi = max(concurrency)
     head = (["contender"] + [f"tok/s at {c}" for c in concurrency]
             + [f"{hi} vs 1", "p50 latency s at 1", f"p50 / p99 latency s at {hi}",
-               f"TTFT p50 s at {hi}"])
+               f"TTFT p50 / p99 s at {hi}", f"TPOT p50 / p99 ms at {hi}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda v, s="{:.2f}": "-" if v is None else s.format(v)  # noqa: E731
     for name, by_c in phases.items():
@@ -717,9 +831,15 @@ def markdown(phases: dict, concurrency: list[int]) -> str:
                  + [f(scale, "{:.2f}x"), f(one.get("latency_p50_s"), "{:.1f}"),
                     f"{f(top.get('latency_p50_s'), '{:.1f}')} / "
                     f"{f(top.get('latency_p99_s'), '{:.1f}')}",
-                    f(top.get("ttft_p50_s"), "{:.2f}")])
+                    f"{f(top.get('ttft_p50_s'))} / {f(top.get('ttft_p99_s'))}",
+                    f"{f(ms(top.get('tpot_p50_s')), '{:.0f}')} / "
+                    f"{f(ms(top.get('tpot_p99_s')), '{:.0f}')}"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
 
 
 def detail(phases: dict) -> str:
@@ -730,11 +850,13 @@ def detail(phases: dict) -> str:
             ("wall s", "wall_s", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.2f}"),
             ("p50 lat s", "latency_p50_s", "{:.2f}"), ("p99 lat s", "latency_p99_s", "{:.2f}"),
             ("TTFT p50 s", "ttft_p50_s", "{:.2f}"), ("TTFT p99 s", "ttft_p99_s", "{:.2f}"),
+            ("TPOT p50 ms", "tpot_p50_ms", "{:.0f}"), ("TPOT p99 ms", "tpot_p99_ms", "{:.0f}"),
             ("identical", "identical_share", "{:.2f}"),
             ("accept", "acceptance_rate_mean", "{:.3f}"),
             ("tgt batch", "mean_target_batch", "{:.2f}"),
             ("queue wait s", "queue_wait_mean_s", "{:.3f}")]
-    rows = [{"contender": n, "concurrency": c, **s} for n, by_c in phases.items()
+    rows = [{"contender": n, "concurrency": c, **s, "tpot_p50_ms": ms(s.get("tpot_p50_s")),
+             "tpot_p99_ms": ms(s.get("tpot_p99_s"))} for n, by_c in phases.items()
             for c, s in by_c.items()]
     return table(rows, cols)
 
@@ -749,7 +871,7 @@ def chart(path: Path, phases: dict, concurrency: list[int], title: str) -> None:
     for name, by_c in phases.items():
         cs = [c for c in concurrency if c in by_c]
         style = dict(marker="o", lw=2.5 if name == "pearl" else 1.5,
-                     ls="-" if name in SERVICE else "--")
+                     ls="-" if name in SERVED else "--")
         ax.plot(cs, [by_c[c]["tokens_per_s"] for c in cs], label=name, **style)
         ax2.plot(cs, [by_c[c]["latency_p99_s"] for c in cs], label=name, **style)
     for a, ylabel, t in ((ax, "aggregate tokens/s", "throughput"),
@@ -842,7 +964,8 @@ def hardware_split(a, dtype: str) -> str:
 class Rig:
     """What a load run drives: the models in this process (``target`` may be a tokenizer alone,
     :func:`tokenizer_only`), the prompts, and the services' addresses (the tiny run's in-process
-    ``cluster``, else the processes of ``pearl.procs.running``)."""
+    ``cluster``, else the processes of ``pearl.procs.running``); ``http``: the coordinator's
+    HTTP front's base URL and ``model`` its model name, where an HTTP contender runs."""
 
     draft: object | None
     target: object
@@ -853,9 +976,14 @@ class Rig:
     draft_address: str | None = None
     target_address: str | None = None
     cluster: object | None = None
+    http: str | None = None
+    model: str | None = None
 
     def phase(self, name: str, c: int, m: int, per_client: int,
               duration: float | None) -> list[dict]:
+        if name in HTTP:
+            return http_phase(self.http, self.model, name, c, self.prompts, m, per_client,
+                              duration)
         if name in SERVICE:
             return service_phase(self.address, name, c, self.prompts, m, self.gamma, per_client,
                                  duration)
@@ -886,7 +1014,8 @@ def set_up(a, svcs, contenders: list[str], concurrency: list[int], dtype: str) -
     from pearl.cluster import Cluster
     from specdec.models import load_model
 
-    need_services = any(c in SERVICE for c in contenders) or a.rss_check or a.rss_only
+    need_services = any(c in SERVED for c in contenders) or a.rss_check or a.rss_only
+    http_port = free_port() if any(c in HTTP for c in contenders) else None
     replay = replay_file(a) if need_services and a.replay_acceptance is not None else None
     if need_services and not a.tiny:
         start_services(svcs, a, replay_args(replay, a.replay_acceptance) if replay else [])
@@ -904,15 +1033,20 @@ def set_up(a, svcs, contenders: list[str], concurrency: list[int], dtype: str) -
 
         rig.cluster = Cluster(
             draft, target, a.gamma, target_kw={"transfer": untrained(target)},
-            draft_kw={"replay": Replay(replay, a.replay_acceptance)} if replay else None)
+            draft_kw={"replay": Replay(replay, a.replay_acceptance)} if replay else None,
+            coordinator_kw=None if http_port is None else {"http_port": http_port})
         rig.address = rig.cluster.address
         rig.draft_address, rig.target_address = (rig.cluster.draft_address,
                                                  rig.cluster.target_address)
     elif need_services:
         rig.draft_address, rig.target_address = svcs.wait("draft"), svcs.wait("target")
+        http = [] if http_port is None else ["--http-port", str(http_port)]
         svcs.start("coordinator", ["--draft", rig.draft_address, "--target", rig.target_address,
-                                   "--gamma", str(a.gamma)])
-        rig.address = svcs.wait("coordinator", 120)
+                                   "--gamma", str(a.gamma), *http])
+        rig.address = svcs.wait("coordinator", 120)  # the HTTP front starts before the port file
+    if http_port is not None:
+        rig.http = f"http://127.0.0.1:{http_port}"
+        rig.model = http_model(rig.http)
     if replay:
         target_references(rig.address, rig.prompts, a.max_new_tokens, replay)
     return rig
@@ -996,7 +1130,8 @@ def analyse(records: list[dict], rig: Rig, a, contenders: list[str], concurrency
     the Markdown table."""
     reference = next((c for c in ("ar", "hf-padded-1t", "hf-padded-all") if c in contenders),
                      None)
-    mark_identical(records, reference)
+    mark_identical(records, reference,
+                   lambda ids: rig.target.tokenizer.decode(ids, skip_special_tokens=True))
     weigh = Margins(rig.target, a.target_model, a.device, dtype)
     divergences = mark_divergences(records, reference,
                                    {p["index"]: p["ids"] for p in rig.prompts}, weigh)
@@ -1022,9 +1157,11 @@ def print_report(found: dict, records: list[dict], concurrency: list[int], rss: 
     if concurrency:
         print(detail(found["phases"]))
         print(f"\n(identical: share of greedy requests whose tokens equal {found['reference']}'s "
-              "on the same prompt, alone where it ran alone; tgt batch: mean sessions per target "
-              "engine step of a request's forwards; queue wait s: mean seconds a request's "
-              "forwards waited in the services' engine queues)")
+              "on the same prompt, alone where it ran alone (HTTP: its text and token count "
+              "equal theirs decoded); TTFT: time to the first token; TPOT: (end - first token) / "
+              "(tokens - 1); tgt batch: mean sessions per target engine step of a request's "
+              "forwards; queue wait s: mean seconds a request's forwards waited in the services' "
+              "engine queues)")
         print(divergence_text(records, found["divergences"]))
         print()
         print(found["table_md"])

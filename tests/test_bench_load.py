@@ -93,6 +93,83 @@ def test_load_bench_tiny_run(tmp_path):
                                                   and "p99" not in g}
 
 
+def test_load_bench_http_contender(tmp_path):
+    """pearl-http: pearl through the coordinator's HTTP front beside pearl over gRPC, the same
+    prompts; TTFT and TPOT for every service contender; the HTTP goal line. HTTP streams text:
+    its records hold the text and the usage chunk's token count, no ids."""
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pearl.cli", "bench", "--concurrency", "1,2", "--tiny",
+         "--contenders", "ar,pearl,pearl-http", "--max-new-tokens", "6", "--json", str(out),
+         "--chart", str(tmp_path / "load.png")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for name in ("ar", "pearl", "pearl-http"):
+        for c, s in res["phases"][name].items():
+            assert s["requests"] == 2 * int(c) and s["new_tokens"] == 6 * s["requests"]
+            for key in ("ttft", "tpot"):
+                assert 0 < s[f"{key}_p50_s"] <= s[f"{key}_p99_s"], (name, c, key)
+            assert s["tpot_p99_s"] < s["latency_p99_s"]
+    for r in res["records"]:
+        assert r["ttft_s"] > 0 and r["tpot_s"] > 0, r
+        assert r["tpot_s"] == pytest.approx((r["end"] - r["start"] - r["ttft_s"]) / 5)
+    # the same prompts, the same output as pearl over gRPC (and as ar): text and token count
+    grpc = {(r["prompt"], r["concurrency"]): r for r in res["records"] if r["contender"] == "pearl"}
+    http = [r for r in res["records"] if r["contender"] == "pearl-http"]
+    assert {(r["prompt"], r["concurrency"]) for r in http} == set(grpc)
+    for r in http:
+        twin = grpc[(r["prompt"], r["concurrency"])]
+        assert r["token_ids"] is None and r["prompt_tokens"] == twin["prompt_tokens"]
+        assert r["text"] == twin["text"] and r["new_tokens"] == len(twin["token_ids"]), r
+        assert r["acceptance_rate"] is not None and r["finish_reason"] == "length"
+    assert all(s["identical_share"] == 1.0 for s in res["phases"]["pearl-http"].values())
+    assert res["divergences"]["divergences"] == 0
+    head = next(x for x in proc.stdout.splitlines() if x.startswith("| contender  | c "))
+    assert "| TTFT p99 s | TPOT p50 ms | TPOT p99 ms |" in head
+    assert "| TTFT p50 / p99 s at 2 | TPOT p50 / p99 ms at 2 |" in res["table_md"]
+    goal = next(g for g in res["goals"] if g["goal"].startswith("pearl-http / pearl"))
+    at2 = {n: res["phases"][n]["2"]["tokens_per_s"] for n in ("pearl", "pearl-http")}
+    assert goal["target"] == 0.98
+    assert goal["value"] == pytest.approx(at2["pearl-http"] / at2["pearl"])
+    assert re.search(r"^  pearl-http / pearl \(HTTP against gRPC\) at 2 concurrent: \d+\.\d\dx "
+                     r"\([\d.]+ / [\d.]+ tok/s; goal >= 0\.98x\): (met|NOT met)$",
+                     proc.stdout, re.M)
+
+
+def test_http_goal_only_with_both_contenders():
+    def ph(rate):
+        return {"tokens_per_s": rate, "latency_p50_s": 1.0, "latency_p99_s": 1.0}
+
+    name = "pearl-http / pearl (HTTP against gRPC) at 8 concurrent"
+    by = {g["goal"]: g for g in goals({"pearl": {1: ph(5), 8: ph(20)},
+                                       "pearl-http": {1: ph(5), 8: ph(19.7)}}, [1, 8], None)}
+    assert by[name]["value"] == pytest.approx(0.985) and by[name]["met"] is True
+    by = {g["goal"]: g for g in goals({"pearl": {8: ph(20)}, "pearl-http": {8: ph(19)}}, [8],
+                                      None)}
+    assert by[name]["met"] is False  # 0.95 < 0.98
+    assert not any("pearl-http" in g["goal"] for g in goals({"pearl": {8: ph(20)}}, [8], None))
+
+
+def test_http_records_compared_by_text():
+    """A record with text and no ids (HTTP) is identical when its text and token count equal the
+    reference's decoded; a difference is reported, with nothing to weigh it by."""
+    def rec(contender, c, tokens=None, text=None, n=None):
+        return {"contender": contender, "concurrency": c, "prompt": 0, "token_ids": tokens,
+                "text": text, "new_tokens": len(tokens) if tokens else n}
+
+    decode = lambda ids: "".join(chr(96 + t) for t in ids)  # noqa: E731
+    records = [rec("ar", 1, [1, 2, 3]), rec("pearl-http", 2, text="abc", n=3),
+               rec("pearl-http", 4, text="abd", n=3), rec("pearl-http", 8, text="abc", n=2)]
+    mark_identical(records, "ar", decode)
+    assert [r["identical"] for r in records] == [None, True, False, False]
+    assert [r["first_difference"] for r in records] == [None, None, 2, 3]
+    summary = mark_divergences(records, "ar", {0: [5]}, lambda *a: pytest.fail("weighed"))
+    assert summary["divergences"] == 2 and summary["near_ties"] == 0
+    assert records[2]["divergence"]["near_tie"] is None
+    assert "no token ids to weigh" in records[2]["divergence"]["note"]
+
+
 def test_load_bench_with_a_replaying_draft(tmp_path):
     """--replay-acceptance in the load bench: the target service's greedy continuations of every
     prompt go to --out/replay.jsonl and the draft replays them. The tiny noisy draft alone

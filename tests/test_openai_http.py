@@ -434,3 +434,18 @@ def test_bearer_token_and_tls_apply_to_http(chat_pair, tmp_path):
         assert tls.get(base + "/health").status_code == 200  # health stays open
     finally:
         h.close()
+
+
+def test_the_listening_socket_sends_small_chunks_at_once():
+    """TCP_NODELAY on the listening socket (accepted ones inherit it): without it a kept-alive
+    connection's first SSE chunks waited ~40 ms for Nagle's algorithm."""
+    import socket
+
+    from coordinator.openai_http.server import bind
+
+    with bind("127.0.0.1", 0) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with socket.create_connection(sock.getsockname()) as client:
+            conn, _ = sock.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

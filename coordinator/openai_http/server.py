@@ -67,9 +67,15 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket; `[::]` / `::` listens on IPv6 and IPv4 alike, as gRPC's does."""
     host = host.strip("[]")
     if ":" in host:
-        return socket.create_server((host, port), family=socket.AF_INET6,
+        sock = socket.create_server((host, port), family=socket.AF_INET6,
                                     dualstack_ipv6=host == "::")
-    return socket.create_server((host, port))
+    else:
+        sock = socket.create_server((host, port))
+    # Accepted sockets inherit it. asyncio sets it itself only on sockets made with proto TCP,
+    # which create_server's are not: without it, Nagle held a kept-alive connection's first
+    # chunks ~40 ms (time to first token 0.060 s vs 0.016 s on gRPC, tiny models).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class HttpFront:
