@@ -378,7 +378,7 @@ def test_traceparent_and_deadline_reach_the_requests_trace(http):
     assert len(spans) == 1, "no request span in the caller's trace"
     span = spans[0]
     assert format(span.parent.span_id, "016x") == parent
-    assert 0 < span.attributes["pearl.deadline_s"] <= 30
+    assert 25 < span.attributes["pearl.deadline_s"] <= 31  # gRPC rounds the timeout it sends
 
 
 def test_a_deadline_that_passes_is_a_504(http):

@@ -225,12 +225,12 @@ def build_app(front: Front) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await front.parse(request, ChatRequest)
-        return await respond(front, request, body, chat_chunk, chat_answer)
+        return await respond(front, request, body, chat_choice, chat_answer)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await front.parse(request, CompletionRequest)
-        return await respond(front, request, body, completion_chunk, completion_answer)
+        return await respond(front, request, body, completion_choice, completion_answer)
 
     return app
 
@@ -240,7 +240,7 @@ def model_card(front: Front) -> dict:
             "max_model_len": front.servicer.max_positions}
 
 
-async def respond(front: Front, request: Request, body, chunk: Callable, whole: Callable):
+async def respond(front: Front, request: Request, body, choice: Callable, whole: Callable):
     req = front.request(body)
     call = front.call(request, req, body.timeout)
     head = {"id": new_id("chatcmpl" if isinstance(body, ChatRequest) else "cmpl"),
@@ -252,33 +252,38 @@ async def respond(front: Front, request: Request, body, chunk: Callable, whole: 
         first = await call.read()
     except grpc.RpcError as e:
         raise HttpError.from_rpc(e) from None
-    return StreamingResponse(stream(front, head, body, call, first, chunk),
+    return StreamingResponse(stream(front, head, body, call, first, choice),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def stream(front: Front, head: dict, body, call, first, chunk: Callable) -> AsyncIterator[str]:
+async def stream(front: Front, head: dict, body, call, first, choice: Callable
+                 ) -> AsyncIterator[str]:
     """One SSE event per committed delta, the finish, usage when asked, then [DONE]. A client
     that goes away cancels this generator, and the call with it."""
+    obj = "chat.completion.chunk" if choice is chat_choice else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     want_lps = bool(getattr(body, "logprobs", None) is not None and body.logprobs is not False)
+
+    def event(c: dict, **extra) -> str:
+        return sse({**head, "object": obj, "choices": [c], **extra})
+
     try:
-        if chunk is chat_chunk:  # the first delta carries the role
-            yield sse(chunk(front, head, body, "", [], None, want_lps, role=True))
+        if choice is chat_choice:  # the first delta carries the role
+            yield event(choice(front, "", [], None, want_lps, role=True))
         resp, offset = first, 0
         while resp is not grpc.aio.EOF:
             if resp.HasField("stats"):
                 stats = resp.stats
-                yield sse(chunk(front, head, body, "", [], FINISH.get(stats.finish_reason,
-                                                                        "stop"), want_lps,
-                                stats=stats))
+                yield event(choice(front, "", [], FINISH.get(stats.finish_reason, "stop"),
+                                   want_lps), metrics=metrics(stats))
                 if include_usage:
-                    yield sse({**head, "object": chunk.object, "choices": [],
-                               "usage": usage(stats), "metrics": metrics(stats)})
+                    yield sse({**head, "object": obj, "choices": [], "usage": usage(stats),
+                               "metrics": metrics(stats)})
                 break
             if resp.text or resp.logprobs:
-                yield sse(chunk(front, head, body, resp.text, list(resp.logprobs), None,
-                                want_lps, offset=offset))
+                yield event(choice(front, resp.text, list(resp.logprobs), None, want_lps,
+                                   offset=offset))
                 offset += len(resp.text)
             resp = await call.read()
     except grpc.RpcError as e:
@@ -288,35 +293,21 @@ async def stream(front: Front, head: dict, body, call, first, chunk: Callable) -
     yield sse("[DONE]")
 
 
-def chat_chunk(front: Front, head: dict, body, text: str, lps: list, finish: str | None,
-               want_lps: bool, role: bool = False, stats=None, offset: int = 0) -> dict:
+def chat_choice(front: Front, text: str, lps: list, finish: str | None, want_lps: bool,
+                role: bool = False, offset: int = 0) -> dict:
     delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-    choice = {"index": 0, "delta": delta,
-              "logprobs": {"content": [front.tokens.chat_entry(lp) for lp in lps]}
-              if want_lps and lps else None,
-              "finish_reason": finish}
-    out = {**head, "object": "chat.completion.chunk", "choices": [choice]}
-    if stats is not None:
-        out["metrics"] = metrics(stats)
-    return out
+    return {"index": 0, "delta": delta,
+            "logprobs": {"content": [front.tokens.chat_entry(lp) for lp in lps]}
+            if want_lps and lps else None,
+            "finish_reason": finish}
 
 
-chat_chunk.object = "chat.completion.chunk"
-
-
-def completion_chunk(front: Front, head: dict, body, text: str, lps: list, finish: str | None,
-                     want_lps: bool, role: bool = False, stats=None, offset: int = 0) -> dict:
-    choice = {"index": 0, "text": text,
-              "logprobs": front.tokens.completion_logprobs(lps, offset) if want_lps and lps
-              else None,
-              "finish_reason": finish}
-    out = {**head, "object": "text_completion", "choices": [choice]}
-    if stats is not None:
-        out["metrics"] = metrics(stats)
-    return out
-
-
-completion_chunk.object = "text_completion"
+def completion_choice(front: Front, text: str, lps: list, finish: str | None, want_lps: bool,
+                      role: bool = False, offset: int = 0) -> dict:
+    return {"index": 0, "text": text,
+            "logprobs": front.tokens.completion_logprobs(lps, offset) if want_lps and lps
+            else None,
+            "finish_reason": finish}
 
 
 def chat_answer(front: Front, head: dict, body: ChatRequest, text: str, lps: list, stats) -> dict:
