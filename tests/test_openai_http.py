@@ -449,3 +449,46 @@ def test_the_listening_socket_sends_small_chunks_at_once():
             conn, _ = sock.accept()
             with conn:
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_a_failure_mid_stream_is_an_error_event_then_done(http):
+    """The deadline passes after the stream began (status 200 already sent): an `error` event with
+    OpenAI's body, then [DONE]; the SDK raises it."""
+    body = {"model": http.model, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True,
+            "stream": True, "timeout": 0.5}
+    with httpx.stream("POST", http.base + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    assert lines[-3] == "event: error", lines[-4:]
+    err = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert err["code"] == "deadline_exceeded" and err["type"] == "timeout"
+    assert any(json.loads(ln[6:])["choices"][0]["text"] for ln in lines[:-3]
+               if ln.startswith("data: {")), "nothing streamed before the failure"
+    with pytest.raises(openai.APIError, match="Deadline"):
+        for _ in http.sdk().completions.create(model=http.model, prompt=PROMPT, max_tokens=1000,
+                                               stream=True, extra_body={"ignore_eos": True,
+                                                                        "timeout": 0.5}):
+            pass
+    no_live_sessions(http)
+
+
+def test_a_full_coordinator_is_a_429_with_retry_after(chat_pair):
+    h = Http(*chat_pair, max_sessions=1)
+    try:
+        body = {"model": h.model, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True}
+        with httpx.stream("POST", h.base + "/v1/completions", json={**body, "stream": True},
+                          timeout=60) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)  # the one session is held
+            r = httpx.post(h.base + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+            with pytest.raises(openai.RateLimitError):
+                h.sdk().completions.create(model=h.model, prompt=PROMPT, max_tokens=4)
+        wait_until(lambda: cluster_sessions(h.c) == (0, 0), 5, "the first session freed")
+        assert h.sdk().completions.create(model=h.model, prompt=PROMPT,
+                                          max_tokens=4).usage.completion_tokens == 4
+    finally:
+        h.close()

@@ -15,6 +15,7 @@ import pytest
 import grpc
 import torch
 
+from conftest import free_port
 from pearl.client import Client
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
@@ -51,9 +52,11 @@ def services(references):
         svcs.start("draft", ["--model", DRAFT, *common], cpus="0")
         svcs.start("target", ["--model", TARGET, *common], cpus="1")
         draft, target = svcs.wait("draft"), svcs.wait("target")
-        svcs.start("coordinator", ["--draft", draft, "--target", target])
+        http_port = free_port()
+        svcs.start("coordinator", ["--draft", draft, "--target", target,
+                                   "--http-port", str(http_port)])
         yield SimpleNamespace(coordinator=svcs.wait("coordinator", 120), draft=draft,
-                              target=target)
+                              target=target, http=f"http://127.0.0.1:{http_port}/v1")
 
 
 @pytest.mark.parametrize("mode", ["ar", "sd", "pearl", "hidden-transfer"])
@@ -111,6 +114,31 @@ def test_generate_cli_json(services, references):
                  "gamma_history", "draft_length_histogram", "both_busy_s", "target_idle_s",
                  "draft_idle_s", "overlap_ratio"):
         assert name in d, name
+
+
+def test_openai_chat_on_the_real_pair(services):
+    """The openai SDK's chat through the coordinator's HTTP front on the real pair: Qwen's own
+    chat template, a system prompt and an earlier turn; pearl over HTTP gives exactly the text of
+    ar (the target alone) over gRPC's messages field, streamed or not."""
+    import openai
+
+    messages = [{"role": "system", "content": "You write short Python."},
+                {"role": "user", "content": "Add two numbers."},
+                {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+                {"role": "user", "content": "Now multiply them."}]
+    sdk = openai.OpenAI(base_url=services.http, api_key="none", max_retries=0, timeout=600)
+    model = sdk.models.list().data[0].id
+    assert model == TARGET
+    r = sdk.chat.completions.create(model=model, messages=messages, max_tokens=N,
+                                    extra_body={"mode": "pearl"})
+    with Client(services.coordinator) as c:
+        alone = c.complete(messages, mode="ar", max_new_tokens=N)
+    assert r.choices[0].message.content == alone.text
+    assert r.usage.prompt_tokens == alone.stats["prompt_tokens"]
+    assert r.model_extra["metrics"]["accepted_tokens"] > 0
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in sdk.chat.completions.create(
+        model=model, messages=messages, max_tokens=N, stream=True) if ch.choices)
+    assert streamed == alone.text
 
 
 def test_demo_runs(services):
