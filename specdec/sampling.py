@@ -68,7 +68,7 @@ def warp(logits: torch.Tensor, s: Sampling) -> np.ndarray:
         sp = sp.masked_fill(before >= s.top_p, 0.0)
         p = torch.zeros_like(p).scatter(-1, idx, sp)
         p = p / p.sum(dim=-1, keepdim=True)
-    return p.numpy()
+    return p.cpu().numpy()  # float64 on the host, whatever device the logits came from
 
 
 def sample(probs: np.ndarray, u: float) -> int:
