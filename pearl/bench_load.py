@@ -161,34 +161,19 @@ def record(contender: str, c: int, client: int, prompt: dict, tokens: list[int] 
 # -- service contenders ---------------------------------------------------------------------------
 
 
-def service_phase(address: str, mode: str, c: int, prompts: list[dict], m: int, gamma: int,
-                  per_client: int, duration: float | None) -> list[dict]:
-    from pearl.client import Client, Delta
-
-    g = gamma if mode == "sd" else 0
-    clients = [Client(address) for _ in range(c)]
+def closed_loop(clients: list, prompts: list[dict], per_client: int, duration: float | None,
+                one) -> list[dict]:
+    """``len(clients)`` closed-loop clients started together, each sending its next request when
+    the last ended; ``one(client, i, prompt)`` runs one request of client i and returns its
+    record. The clients are closed at the end."""
+    c = len(clients)
     barrier = threading.Barrier(c)
 
     def run(i: int) -> list[dict]:
-        out = []
         barrier.wait()
         deadline = None if duration is None else time.perf_counter() + duration
-        for k in plan(c, i, len(prompts), per_client, deadline):
-            p, first, stats = prompts[k], None, {}
-            start = time.perf_counter()
-            ids: list[int] = []
-            text: list[str] = []
-            for part in clients[i].generate(p["ids"], mode=mode, max_new_tokens=m, gamma=g):
-                if isinstance(part, Delta):
-                    if part.token_ids and first is None:
-                        first = time.perf_counter()
-                    ids += part.token_ids
-                    text.append(part.text)
-                else:
-                    stats = part.stats
-            out.append(record(mode, c, i, p, ids, start, first, time.perf_counter(),
-                              text="".join(text), **{k: stats.get(k) for k in SERVICE_STATS}))
-        return out
+        return [one(clients[i], i, prompts[k])
+                for k in plan(c, i, len(prompts), per_client, deadline)]
 
     try:
         with ThreadPoolExecutor(c) as ex:
@@ -196,6 +181,29 @@ def service_phase(address: str, mode: str, c: int, prompts: list[dict], m: int, 
     finally:
         for cl in clients:
             cl.close()
+
+
+def service_phase(address: str, mode: str, c: int, prompts: list[dict], m: int, gamma: int,
+                  per_client: int, duration: float | None) -> list[dict]:
+    from pearl.client import Client, Delta
+
+    g = gamma if mode == "sd" else 0
+
+    def one(client, i: int, p: dict) -> dict:
+        first, stats, ids, text = None, {}, [], []
+        start = time.perf_counter()
+        for part in client.generate(p["ids"], mode=mode, max_new_tokens=m, gamma=g):
+            if isinstance(part, Delta):
+                if part.token_ids and first is None:
+                    first = time.perf_counter()
+                ids += part.token_ids
+                text.append(part.text)
+            else:
+                stats = part.stats
+        return record(mode, c, i, p, ids, start, first, time.perf_counter(),
+                      text="".join(text), **{k: stats.get(k) for k in SERVICE_STATS})
+
+    return closed_loop([Client(address) for _ in range(c)], prompts, per_client, duration, one)
 
 
 # -- HTTP contenders ------------------------------------------------------------------------------
@@ -250,31 +258,17 @@ def http_phase(url: str, model: str, name: str, c: int, prompts: list[dict], m: 
                per_client: int, duration: float | None) -> list[dict]:
     """As :func:`service_phase`, through the HTTP front: the same prompt ids and settings, greedy,
     no logprobs (they would add work to the target's steps); each client its own connection."""
-    clients = [http_client(url) for _ in range(c)]
-    barrier = threading.Barrier(c)
 
-    def run(i: int) -> list[dict]:
-        out = []
-        barrier.wait()
-        deadline = None if duration is None else time.perf_counter() + duration
-        for k in plan(c, i, len(prompts), per_client, deadline):
-            p = prompts[k]
-            body = {"model": model, "prompt": p["ids"], "max_tokens": m, "stream": True,
-                    "mode": HTTP[name], "stream_options": {"include_usage": True}}
-            start = time.perf_counter()
-            text, first, tail = http_completion(clients[i], body)
-            stats = {**tail.get("metrics", {}), "finish_reason": tail.get("finish_reason")}
-            out.append(record(name, c, i, p, tail["usage"]["completion_tokens"], start, first,
-                              time.perf_counter(), text=text,
-                              **{k: stats.get(k) for k in SERVICE_STATS}))
-        return out
+    def one(client, i: int, p: dict) -> dict:
+        body = {"model": model, "prompt": p["ids"], "max_tokens": m, "stream": True,
+                "mode": HTTP[name], "stream_options": {"include_usage": True}}
+        start = time.perf_counter()
+        text, first, tail = http_completion(client, body)
+        stats = {**tail.get("metrics", {}), "finish_reason": tail.get("finish_reason")}
+        return record(name, c, i, p, tail["usage"]["completion_tokens"], start, first,
+                      time.perf_counter(), text=text, **{k: stats.get(k) for k in SERVICE_STATS})
 
-    try:
-        with ThreadPoolExecutor(c) as ex:
-            return [r for rs in ex.map(run, range(c)) for r in rs]
-    finally:
-        for cl in clients:
-            cl.close()
+    return closed_loop([http_client(url) for _ in range(c)], prompts, per_client, duration, one)
 
 
 # -- transformers contenders (in this process) ----------------------------------------------------
