@@ -16,11 +16,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protos.v1 import pearl_pb2 as pb
+from specdec.logprobs import MAX_TOP_LOGPROBS
 
 MODES = {"ar": pb.MODE_AR, "sd": pb.MODE_SD, "pearl": pb.MODE_PEARL,
          "hidden-transfer": pb.MODE_HIDDEN_TRANSFER}
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's finish_reason
-MAX_TOP_LOGPROBS = 5
 MAX_STOP = 16  # stop strings per request
 
 

@@ -53,7 +53,8 @@ STATUS = {  # gRPC status -> (HTTP status, OpenAI error type)
 }
 RETRY_AFTER_S = "1"
 DISCONNECT_POLL_S = 0.25
-FORWARDED = ("traceparent", "tracestate")  # headers that go on as gRPC metadata
+# headers that go on as gRPC metadata: the trace context and the bearer token
+FORWARDED = ("traceparent", "tracestate", "authorization")
 
 
 class HttpError(Exception):
@@ -154,10 +155,8 @@ class Front:
         return req
 
     def call(self, request: Request, req: pb.GenerateRequest, timeout: float | None):
-        md = [(k, request.headers[k]) for k in FORWARDED if k in request.headers]
-        if "authorization" in request.headers:
-            md.append(("authorization", request.headers["authorization"]))
-        return self.stub.Generate(req, metadata=tuple(md), timeout=timeout)
+        md = tuple((k, request.headers[k]) for k in FORWARDED if k in request.headers)
+        return self.stub.Generate(req, metadata=md, timeout=timeout)
 
 
 async def until_disconnected(request: Request) -> None:
@@ -245,25 +244,25 @@ async def respond(front: Front, request: Request, body, choice: Callable, whole:
     call = front.call(request, req, body.timeout)
     head = {"id": new_id("chatcmpl" if isinstance(body, ChatRequest) else "cmpl"),
             "created": now(), "model": front.model}
+    want_lps = req.logprobs  # set by to_pb exactly when the body asked for logprobs
     if not body.stream:
         text, lps, stats = await answer(request, call)
-        return whole(front, head, body, text, lps, stats)
+        return whole(front, head, want_lps, text, lps, stats)
     try:  # the first message tells a refusal (400, 429, 503) before the stream's 200 is sent
         first = await call.read()
     except grpc.RpcError as e:
         raise HttpError.from_rpc(e) from None
-    return StreamingResponse(stream(front, head, body, call, first, choice),
+    return StreamingResponse(stream(front, head, body, call, first, choice, want_lps),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def stream(front: Front, head: dict, body, call, first, choice: Callable
-                 ) -> AsyncIterator[str]:
+async def stream(front: Front, head: dict, body, call, first, choice: Callable,
+                 want_lps: bool) -> AsyncIterator[str]:
     """One SSE event per committed delta, the finish, usage when asked, then [DONE]. A client
     that goes away cancels this generator, and the call with it."""
     obj = "chat.completion.chunk" if choice is chat_choice else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    want_lps = bool(getattr(body, "logprobs", None) is not None and body.logprobs is not False)
 
     def event(c: dict, **extra) -> str:
         return sse({**head, "object": obj, "choices": [c], **extra})
@@ -310,20 +309,20 @@ def completion_choice(front: Front, text: str, lps: list, finish: str | None, wa
             "finish_reason": finish}
 
 
-def chat_answer(front: Front, head: dict, body: ChatRequest, text: str, lps: list, stats) -> dict:
+def chat_answer(front: Front, head: dict, want_lps: bool, text: str, lps: list, stats) -> dict:
     return {**head, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": {"content": [front.tokens.chat_entry(lp) for lp in lps]}
-                         if body.logprobs else None,
+                         if want_lps else None,
                          "finish_reason": FINISH.get(stats.finish_reason, "stop")}],
             "usage": usage(stats), "metrics": metrics(stats)}
 
 
-def completion_answer(front: Front, head: dict, body: CompletionRequest, text: str, lps: list,
+def completion_answer(front: Front, head: dict, want_lps: bool, text: str, lps: list,
                       stats) -> dict:
     return {**head, "object": "text_completion",
             "choices": [{"index": 0, "text": text,
                          "logprobs": front.tokens.completion_logprobs(lps)
-                         if body.logprobs is not None else None,
+                         if want_lps else None,
                          "finish_reason": FINISH.get(stats.finish_reason, "stop")}],
             "usage": usage(stats), "metrics": metrics(stats)}
