@@ -54,6 +54,7 @@ class Proposal:
     forward_ns: int = 0
     input_tokens: int = 1  # tokens fed in its forward pass (more after a rollback)
     queue_ns: int = 0  # time its step waited in the draft's engine queue
+    cached_tokens: int = 0  # a session's first proposal: prompt tokens its prefix cache held
 
 
 @dataclass
@@ -77,18 +78,19 @@ class Verdict:
     batch_tokens: int = 0  # tokens fed in that step, all sessions together
     # when asked for: one per token it commits (accepted drafts or accepted_ids, then token)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    cached_tokens: int = 0  # a start: prompt tokens the target's prefix cache held
 
 
 def proposal_from_pb(p: pb.DraftProposal) -> Proposal:
     return Proposal(p.window_id, p.position, p.token_id, p.q if p.HasField("q") else None,
-                    p.forward_ns, p.input_tokens, p.queue_ns)
+                    p.forward_ns, p.input_tokens, p.queue_ns, p.cached_tokens)
 
 
 def verdict_from_pb(r: pb.VerifyResult) -> Verdict:
     return Verdict(r.position, r.verified, r.accepted, r.token_id if r.has_token else None,
                    r.committed, r.window_id, r.phase, r.forward_ns, r.input_tokens,
                    list(r.accepted_ids), r.queue_ns, r.batch_rows, r.batch_tokens,
-                   [logprob_from_pb(t) for t in r.logprobs])
+                   [logprob_from_pb(t) for t in r.logprobs], r.cached_tokens)
 
 
 @dataclass

@@ -233,7 +233,7 @@ class Request:
                 if v.input_tokens:  # a held verdict ran no forward pass
                     self.rec.target_forward(ev.arrived_ns, v.forward_ns, v.input_tokens,
                                             prefill=v.phase == "start", queue_ns=v.queue_ns,
-                                            batch_rows=v.batch_rows)
+                                            batch_rows=v.batch_rows, cached=v.cached_tokens)
                     if v.phase not in ("start", "ht"):  # pearl's gamma: draft-verify windows
                         self.timing.verify(v.forward_ns, v.batch_tokens, v.batch_rows)
                         self.timing.judged(v.verified, v.accepted)
@@ -246,7 +246,8 @@ class Request:
                                     f"{ev.error.details()}")
                 raise DraftLost("draft stream closed by the service")
             p: Proposal = ev.msg
-            self.rec.draft_forward(ev.arrived_ns, p.forward_ns, p.input_tokens, p.queue_ns)
+            self.rec.draft_forward(ev.arrived_ns, p.forward_ns, p.input_tokens, p.queue_ns,
+                                   p.cached_tokens)
             self.timing.draft(p.forward_ns, p.input_tokens)
             return ev
 

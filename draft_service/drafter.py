@@ -26,6 +26,7 @@ class Proposal:
     batch_rows: int = 1  # sessions in the engine step that drafted it
     batch_tokens: int = 0  # tokens fed in that step
     queue_ns: int = 0  # time the step request waited for the engine
+    cached_tokens: int = 0  # its prefill: prompt tokens the prefix cache held
 
 
 class DraftSession:
@@ -121,4 +122,4 @@ class DraftSession:
         self.seq.extend([token])
         return Proposal(self.window_of(position), position, token, f.forward_ns,
                         f.started_unix_ns, f.input_tokens, q, f.batch_rows, f.batch_tokens,
-                        f.queue_ns)
+                        f.queue_ns, f.reused)

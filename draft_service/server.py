@@ -10,16 +10,10 @@ from draft_service.drafter import DraftSession, Proposal, ProtocolError
 from draft_service.replay import Replay
 from draft_service.tracing import NO_DRAFT_TRACE, draft_trace
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
-from specdec.engine import (
-    DEFAULT_KV_CACHE_TOKENS,
-    DEFAULT_MAX_BATCH_TOKENS,
-    Engine,
-    compile_steps,
-    describe_engine,
-)
+from specdec.engine import Engine, EngineConfig, describe_engine
 from specdec.kv import Aborted
 from specdec.kv_store import StoreFull
-from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_BATCH_WAIT_MS, DEFAULT_MAX_SESSIONS
+from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS
 from specdec.limits import idle_get
 from specdec.security import ServerTLS
 from specdec.serving import ModelRunner, Server, model_info
@@ -34,7 +28,8 @@ def to_pb(p: Proposal) -> pearl_pb2.DraftResponse:
         window_id=p.window_id, position=p.position, token_id=p.token_id,
         forward_ns=p.forward_ns, started_unix_ns=p.started_unix_ns, input_tokens=p.input_tokens,
         q=dist_to_pb(p.q) if p.q is not None else None, batch_rows=p.batch_rows,
-        batch_tokens=p.batch_tokens, queue_ns=p.queue_ns))
+        batch_tokens=p.batch_tokens, queue_ns=p.queue_ns,
+        cached_tokens=p.cached_tokens))
 
 
 class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
@@ -42,19 +37,16 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
     idle_s = DEFAULT_IDLE_S  # a session that hears nothing this long is closed (0: never)
 
     def __init__(self, loaded, q_tail: float = 1e-4, replay: Replay | None = None,
-                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS, compile: str = "auto",
-                 max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS):
+                 engine: EngineConfig = EngineConfig(),
+                 max_sessions: int = DEFAULT_MAX_SESSIONS):
         self.loaded = loaded
         self.q_tail = q_tail
         self.replay = replay  # a benchmarking draft (draft_service/replay.py), normally None
         # one batched forward per step over every session's draft step (specdec/engine.py)
-        self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "draft",
-                             compile=compile_steps(compile, loaded.device),
-                             max_batch_wait_ms=max_batch_wait_ms)
+        self.engine = Engine.configured(loaded.model, engine, "draft")
         self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
         self.engine.on_wait = lambda ns: self.telemetry.engine_wait(ns)
+        self.engine.on_prefix = lambda hit, looked: self.telemetry.prefix_lookup(hit, looked)
         self.runner = ModelRunner("draft", max_sessions or 256)
         self.live = 0
         self.aborted = 0  # draft forwards stopped early because their token went stale
@@ -160,15 +152,13 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
 async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4,
                 tls: ServerTLS | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,
                 idle_s: float = DEFAULT_IDLE_S, replay: Replay | None = None,
-                kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: str = "auto",
-                max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS
+                engine: EngineConfig = EngineConfig()
                 ) -> tuple[Server, DraftServicer]:
-    servicer = DraftServicer(loaded, q_tail, replay, kv_cache_tokens, max_batch_tokens,
-                             max_sessions, compile, max_batch_wait_ms)
+    servicer = DraftServicer(loaded, q_tail, replay, engine, max_sessions)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
-                    label="draft service", max_sessions=max_sessions)
+                    label="draft service", max_sessions=max_sessions,
+                    store=servicer.engine.store)
     pearl_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.grpc)
     # the port opens NOT_SERVING; SERVING once the compiled steps are built (if any)
     await server.start(port, host, tls.credentials() if tls else None,

@@ -8,6 +8,7 @@ serve draft/target:   --session-idle-s S                  close sessions silent 
                       --max-batch-tokens N                tokens fed per engine step
                       --compile auto|on|off               compiled engine steps
                       --max-batch-wait-ms MS              coalescing wait before a step
+                      --prefix-cache on|off               reuse cached prompt prefixes
 serve coordinator:    --backend-tls-ca [--backend-tls-cert --backend-tls-key]
                                                           TLS (mTLS) towards draft and target
                       --auth-token T | PEARL_AUTH_TOKEN   bearer token on the client API
@@ -73,6 +74,10 @@ def add_serve_flags(p) -> None:
     g.add_argument("--compile", default=_env("COMPILE", "auto"), choices=["auto", "on", "off"],
                    help="draft/target: compiled engine steps (torch.compile; CUDA graphs on a "
                         "GPU); auto = on with --device cuda, off on the CPU")
+    g.add_argument("--prefix-cache", default=_env("PREFIX_CACHE", "on"), choices=["on", "off"],
+                   help="draft/target: keep the K/V of full prompt pages after a session and "
+                        "reuse them for prompts that start with the same tokens (evicted least "
+                        "recently used when the store needs room)")
     g.add_argument("--max-prompt-tokens", type=int,
                    default=int(_env("MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS)),
                    help="coordinator: longest prompt accepted")
@@ -92,9 +97,11 @@ def serve_kwargs(a) -> dict:
     kw = dict(tls=ServerTLS.from_flags(a.tls_cert, a.tls_key, a.tls_ca),
               max_sessions=a.max_sessions)
     if a.role in ("draft", "target"):
-        kw.update(idle_s=a.session_idle_s, kv_cache_tokens=a.kv_cache_tokens,
-                  max_batch_tokens=a.max_batch_tokens, compile=a.compile,
-                  max_batch_wait_ms=a.max_batch_wait_ms)
+        from specdec.engine import EngineConfig
+
+        kw.update(idle_s=a.session_idle_s, engine=EngineConfig(
+            a.kv_cache_tokens, a.max_batch_tokens, a.max_batch_wait_ms, a.compile,
+            a.prefix_cache == "on"))
     else:
         kw.update(backend_tls=ClientTLS.from_flags(a.backend_tls_ca, a.backend_tls_cert,
                                                    a.backend_tls_key),

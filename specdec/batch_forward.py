@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from specdec.kv_store import KVStore, Slots
+from specdec.kv_store import KVStore, BlockTable
 
 FAMILY = ("qwen2", "llama", "mistral")
 
@@ -46,11 +46,11 @@ def head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def store_for(model: torch.nn.Module, tokens: int) -> KVStore:
+def store_for(model: torch.nn.Module, tokens: int, prefix_cache: bool = True) -> KVStore:
     cfg = model.config
     p = next(model.parameters())
     return KVStore(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim(cfg), tokens,
-                   p.dtype, p.device)
+                   p.dtype, p.device, prefix_cache=prefix_cache)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Pseudo:
 
 @dataclass
 class Row:
-    slots: Slots
+    slots: BlockTable
     tokens: list[int]
     keep: list[int]  # indices (into tokens, then pseudo tokens) whose logits are wanted
     rope: list[int] | None = None  # None: slots P, P+1, ...

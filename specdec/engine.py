@@ -32,7 +32,7 @@ import torch
 from specdec import batch_forward, static_step
 from specdec.batch_forward import Pseudo, Row
 from specdec.kv import Aborted, CachedSequence, Forward, TokenIds
-from specdec.kv_store import KVStore, Slots, StoreFull
+from specdec.kv_store import KVStore, BlockTable, StoreFull
 from specdec.static_step import StaticStep
 
 log = logging.getLogger("pearl.engine")
@@ -44,6 +44,7 @@ from specdec.defaults import (  # noqa: E402
 )
 PRIORITY = {"verify": 0, "draft": 1, "prefill": 2}
 STARVE_STEPS = 4  # a prefill left out this many steps in a row goes first
+PREFIX_WAIT_S = 30.0  # longest wait for another session's prefill of the same prefix
 # The coalescing wait before a step (Engine._coalesce): at most this fraction of the recent step
 # time (an EMA with weight STEP_EMA), and only for sessions that came back within the wait on at
 # least RETURN_MIN of their recent returns (an EMA with weight RETURN_EMA).
@@ -51,6 +52,17 @@ WAIT_FRACTION = 0.25
 STEP_EMA = 0.2
 RETURN_EMA = 0.25
 RETURN_MIN = 0.2
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine settings of `pearl serve draft|target`, from the command line to the engine."""
+
+    kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS  # KV store slots of all sessions
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens fed per step
+    max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS  # coalescing wait before a step
+    compile: str = "auto"  # compiled steps: auto (on CUDA), on, off
+    prefix_cache: bool = True  # reuse the K/V of prompt prefixes other sessions computed
 
 
 @dataclass
@@ -86,13 +98,13 @@ class Engine:
     def __init__(self, model: torch.nn.Module, kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "model",
                  compile: bool = False,
-                 max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS):
+                 max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS, prefix_cache: bool = True):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.model = model
         self.name = name
         self.batched = batch_forward.supports(model)
-        self.store: KVStore | None = (batch_forward.store_for(model, kv_cache_tokens)
+        self.store: KVStore | None = (batch_forward.store_for(model, kv_cache_tokens, prefix_cache)
                                       if self.batched else None)
         self.max_batch_tokens = max_batch_tokens
         # compiled steps (--compile): plain decode/verify steps as one compiled graph
@@ -113,10 +125,19 @@ class Engine:
         self.returns: weakref.WeakKeyDictionary[Sequence, Return] = weakref.WeakKeyDictionary()
         self.waits, self.wait_ns = 0, 0
         self.on_wait: Callable[[int], None] | None = None
+        self.on_prefix: Callable[[int, int], None] | None = None  # (tokens hit, looked up)
         self.thread: threading.Thread | None = None
         if self.batched:
             self.thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
             self.thread.start()
+
+    @classmethod
+    def configured(cls, model: torch.nn.Module, config: EngineConfig, name: str) -> Engine:
+        """The engine of a service: ``config`` from its command line."""
+        device = next(model.parameters()).device
+        return cls(model, config.kv_cache_tokens, config.max_batch_tokens, name,
+                   compile_steps(config.compile, device), config.max_batch_wait_ms,
+                   config.prefix_cache)
 
     @property
     def compiled(self) -> bool:
@@ -213,7 +234,7 @@ class Engine:
                 w.future.set_exception(RuntimeError("the session is closed"))
                 seq.busy = False
             if not seq.busy:
-                self.store.release(seq.slots)
+                self.store.release(seq.slots, seq.ids)
 
     def close(self) -> None:
         with self.cv:
@@ -260,7 +281,7 @@ class Engine:
                         w.seq.busy = False
                     if w.seq.closing:
                         if w.seq.slots.pages:
-                            self.store.release(w.seq.slots)
+                            self.store.release(w.seq.slots, w.seq.ids)
                         continue
                     r = self.returns.setdefault(w.seq, Return())
                     r.done_ns, r.out = now, True
@@ -313,7 +334,7 @@ class Engine:
             self.pending.remove(w)
             w.future.set_exception(RuntimeError("the session is closed"))
             w.seq.busy = False
-            self.store.release(w.seq.slots)
+            self.store.release(w.seq.slots, w.seq.ids)
         for w in [w for w in self.pending if w.abort is not None and w.abort.is_set()]:
             self.pending.remove(w)
             w.seq.busy = False
@@ -418,7 +439,7 @@ class Sequence(TokenIds):
         self.model = engine.model
         self.ids = list(ids)
         self.kind = kind
-        self.slots = Slots()
+        self.slots = BlockTable()
         self.busy = False  # a work of this session is pending or running (engine.cv guards)
         self.closing = False
 
@@ -427,9 +448,11 @@ class Sequence(TokenIds):
         return self.slots.cached
 
     def truncate(self, n: int) -> None:
-        """Keep the first ``n`` tokens; the store keeps at most their K/V (a length change)."""
+        """Keep the first ``n`` tokens; the store keeps at most their K/V (a length change;
+        cached pages that slots n.. lie in are copied first: they are shared)."""
         self._cut(n)
         self.slots.cached = min(self.slots.cached, n)
+        self.engine.store.unshare(self.slots, n)
 
     def start_of(self, w: Work) -> int:
         """Position predicted by the first kept logits row of a plain work."""
@@ -439,6 +462,8 @@ class Sequence(TokenIds):
         """Feed ``ids[cached:]``; logits [keep, vocab] for the last ``keep`` fed positions.
 
         Raises Aborted (sequence unchanged) when ``abort`` is set before the step is done."""
+        if not self.slots.pages:  # the prefill: what the prefix cache holds is not fed again
+            return self._prefill(len(self.ids), keep, abort)
         feed = self.ids[self.cached :]
         if not feed:
             raise ValueError("nothing to feed: the whole sequence is cached")
@@ -450,10 +475,42 @@ class Sequence(TokenIds):
     def fill(self, upto: int) -> Forward:
         """Feed ``ids[cached:upto]`` without asking for logits (a prefill that only fills the
         store; Hidden Transfer feeds its last prompt token as a tree root)."""
+        if not self.slots.pages:
+            return self._prefill(upto, 0, None)
         feed = self.ids[self.cached : upto]
         if not feed:
             raise ValueError("nothing to feed: the whole sequence is cached")
         return self.engine.submit(Work(self, "prefill", feed, []))
+
+    def _prefill(self, upto: int, keep: int, abort: threading.Event | None) -> Forward:
+        """Feed ``ids[:upto]`` less the pages the prefix cache holds (at least the ``keep``
+        last tokens, whose logits are wanted), then cache the pages it filled. While another
+        session's prefill fills the next page of the same prefix, wait for it first."""
+        store, ids = self.engine.store, self.ids[:upto]
+        if not ids:
+            raise ValueError("nothing to feed: the sequence is empty")
+        deadline = time.monotonic() + PREFIX_WAIT_S
+        while (filling := store.lookup(self.slots, ids, time.monotonic() < deadline)):
+            filling.wait(max(0.0, deadline - time.monotonic()))
+        keep = min(max(keep, 0), len(ids))
+        if self.slots.cached > len(ids) - keep:  # a whole cached prompt: feed its last tokens
+            self.slots.cached = len(ids) - keep
+            store.unshare(self.slots, self.slots.cached)
+        reused = self.slots.cached
+        if store.prefix_cache and self.engine.on_prefix is not None:
+            self.engine.on_prefix(reused, len(ids))
+        feed = ids[reused:]
+        if not feed:  # all of it cached (a fill): nothing to run
+            return Forward(torch.empty(0), upto + 1, 0, 0, time.time_ns(), reused=reused)
+        try:
+            f = self.engine.submit(Work(self, "prefill", feed,
+                                        list(range(len(feed) - keep, len(feed))), abort=abort))
+        except BaseException:
+            store.abandon(self.slots)
+            raise
+        store.keep(self.slots, self.ids)
+        f.reused = reused
+        return f
 
     def tree(self, tokens: list[int], rope: list[int], mask: torch.Tensor, keep: list[int],
              pseudo: Pseudo | None, prefill: bool = False) -> Forward:
@@ -513,7 +570,8 @@ def describe_engine(engine: Engine) -> str:
             f"({s.tokens * s.bytes_per_token / 2**20:.0f} MiB), {engine.max_batch_tokens} "
             "tokens per step, "
             + (f"waits up to {engine.max_batch_wait_s * 1e3:g} ms for the last step's sessions"
-               if engine.max_batch_wait_s else "no coalescing wait"))
+               if engine.max_batch_wait_s else "no coalescing wait")
+            + (", prefix cache on" if s.prefix_cache else ", prefix cache off"))
 
 
 COMPILE_CHOICES = ("auto", "on", "off")

@@ -68,6 +68,7 @@ class Forward:
     batch_rows: int = 1  # sessions in the (last) engine step that ran it
     batch_tokens: int = 0  # tokens fed in that step, all sessions together
     queue_ns: int = 0  # time spent waiting for a step
+    reused: int = 0  # a prefill: leading tokens whose K/V the prefix cache held (not fed)
 
 
 class TokenIds:

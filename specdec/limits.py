@@ -90,15 +90,20 @@ class CallGuard(grpc.aio.ServerInterceptor):
 class LoadReporter:
     """The LoadReport service (GetLoad) answered from a ``CallGuard``'s count and limit."""
 
-    def __init__(self, guard: CallGuard):
+    def __init__(self, guard: CallGuard, store=None):
         self.guard = guard
+        self.store = store  # a draft's or target's KV store (specdec/kv_store.py), else None
 
     async def GetLoad(self, request, context):
         from protos.v1 import pearl_pb2
 
         g = self.guard
+        kv = {}
+        if self.store is not None:
+            kv = dict(kv_free_tokens=self.store.free_tokens,
+                      kv_cached_tokens=self.store.cached_tokens)
         return pearl_pb2.LoadResponse(live_sessions=g.active, max_sessions=g.limit,
-                                      draining=g.draining or g.warming)
+                                      draining=g.draining or g.warming, **kv)
 
 
 def _idle_abort_message(label: str, idle_s: float) -> str:

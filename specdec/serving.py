@@ -76,7 +76,7 @@ class Server:
     """An aio gRPC server with the standard health service and server reflection."""
 
     def __init__(self, service_names: list[str], interceptors: list | tuple = (),
-                 label: str = "service", max_sessions: int = 0):
+                 label: str = "service", max_sessions: int = 0, store: Any = None):
         # Counts and bounds the sessions (streaming calls) and refuses new ones while draining.
         self.guard = CallGuard(service_names, label, max_sessions)
         # Innermost, ReadableRequests parses the request messages (specdec/readable.py).
@@ -87,7 +87,7 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         from protos.v1 import pearl_pb2, pearl_pb2_grpc  # GetLoad: coordinator/replicas.py
 
-        pearl_pb2_grpc.add_LoadReportServicer_to_server(LoadReporter(self.guard), self.grpc)
+        pearl_pb2_grpc.add_LoadReportServicer_to_server(LoadReporter(self.guard, store), self.grpc)
         reflection.enable_server_reflection(
             [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              pearl_pb2.DESCRIPTOR.services_by_name["LoadReport"].full_name,
@@ -191,7 +191,14 @@ def engine_info(engine: Any) -> dict:
                 kv_cache_tokens=store.tokens if store else 0,
                 kv_free_tokens=store.free_tokens if store else 0,
                 kv_bytes_per_token=engine.kv_bytes_per_token,
-                max_batch_tokens=engine.max_batch_tokens, compiled=engine.compiled)
+                max_batch_tokens=engine.max_batch_tokens, compiled=engine.compiled,
+                **(kv_cache_info(store) if store else {}))
+
+
+def kv_cache_info(store: Any) -> dict:
+    """The prefix cache's fields of ModelInfoResponse (specdec/kv_store.py)."""
+    return dict(prefix_cache=store.prefix_cache, kv_cached_tokens=store.cached_tokens,
+                prefix_hit_tokens=store.hit_tokens, prefix_lookup_tokens=store.lookup_tokens)
 
 
 def eos_token_ids(model: Any) -> list[int]:

@@ -66,26 +66,31 @@ class Recorder:
         self.draft_times: dict[int, list[int]] = defaultdict(lambda: [0, 0])
         self.queue_ns = 0  # the services' engine queue waits of this request's forward passes
         self.target_batch: list[int] = []  # engine step size of each target forward
+        self.cached = {"target": 0, "draft": 0}  # prompt tokens each prefix cache held
 
     @staticmethod
     def now() -> int:
         return time.monotonic_ns()
 
     def draft_forward(self, arrived_ns: int, forward_ns: int, input_tokens: int = 1,
-                      queue_ns: int = 0) -> None:
+                      queue_ns: int = 0, cached: int = 0) -> None:
         self.queue_ns += queue_ns
         if self.draft_forwards:  # the first one prefilled the prompt
             _tally(self.draft_times, input_tokens, forward_ns)
+        else:
+            self.cached["draft"] = cached
         self.draft_forwards += 1
         self.draft_busy.append((arrived_ns - forward_ns, arrived_ns))
 
     def target_forward(self, arrived_ns: int, forward_ns: int, input_tokens: int = 1,
-                       prefill: bool = False, queue_ns: int = 0, batch_rows: int = 0) -> None:
+                       prefill: bool = False, queue_ns: int = 0, batch_rows: int = 0,
+                       cached: int = 0) -> None:
         self.queue_ns += queue_ns
         if batch_rows:
             self.target_batch.append(batch_rows)
         if prefill:
             self.prefill_ns += forward_ns
+            self.cached["target"] = cached
         else:
             _tally(self.target_times, input_tokens, forward_ns)
         self.target_forwards += 1
@@ -157,6 +162,8 @@ class Recorder:
             "queue_wait_s": self.queue_ns / 1e9,
             "mean_target_batch": (sum(self.target_batch) / len(self.target_batch)
                                   if self.target_batch else 0.0),
+            "cached_prompt_tokens": self.cached["target"],
+            "draft_cached_prompt_tokens": self.cached["draft"],
         }
 
 

@@ -170,6 +170,9 @@ class Metrics:
                             explicit_bucket_boundaries_advisory=WAIT_SECONDS,
                             description="Time an engine step waited for the sessions of the last "
                                         "step to come back (--max-batch-wait-ms)")
+        self.prefix_tokens = c("pearl_prefix_cache_tokens",
+                               description="Prompt tokens looked up in the service's prefix "
+                                           "cache, by result (hit: K/V reused; miss: prefilled)")
         self.http_requests = c("pearl_http_requests",
                                description="HTTP requests answered by the OpenAI-compatible "
                                            "front, by route and status")
@@ -282,6 +285,12 @@ class Telemetry:
         """A coalescing wait before a step of this service's engine (``Engine.on_wait``)."""
         if self.metrics is not None:
             self.metrics.batch_wait.record(wait_ns / 1e9)
+
+    def prefix_lookup(self, hit: int, looked: int) -> None:
+        """A prefill's lookup in this service's prefix cache (``Engine.on_prefix``)."""
+        if self.metrics is not None:
+            self.metrics.prefix_tokens.add(hit, {"result": "hit"})
+            self.metrics.prefix_tokens.add(looked - hit, {"result": "miss"})
 
     def force_flush(self) -> None:
         if self.tracer_provider is not None:

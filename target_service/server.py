@@ -7,17 +7,10 @@ import grpc
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
 from specdec.defaults import (
     DEFAULT_IDLE_S,
-    DEFAULT_MAX_BATCH_WAIT_MS,
     DEFAULT_MAX_SESSIONS,
     DEFAULT_TREE_NODES,
 )
-from specdec.engine import (
-    DEFAULT_KV_CACHE_TOKENS,
-    DEFAULT_MAX_BATCH_TOKENS,
-    Engine,
-    compile_steps,
-    describe_engine,
-)
+from specdec.engine import Engine, EngineConfig, describe_engine
 from specdec.kv_store import StoreFull
 from specdec.limits import idle_limited
 from specdec.security import ServerTLS
@@ -40,7 +33,8 @@ def to_pb(v: Verdict, window_id: int, phase: str) -> pearl_pb2.VerifyResponse:
         committed=v.committed, forward_ns=v.forward_ns, started_unix_ns=v.started_unix_ns,
         window_id=window_id, phase=phase, input_tokens=v.input_tokens,
         accepted_ids=v.accepted_ids, batch_rows=v.batch_rows, batch_tokens=v.batch_tokens,
-        queue_ns=v.queue_ns, logprobs=[logprob_to_pb(t) for t in v.logprobs]))
+        queue_ns=v.queue_ns, logprobs=[logprob_to_pb(t) for t in v.logprobs],
+        cached_tokens=v.cached_tokens))
 
 
 class Unavailable(Exception):
@@ -53,17 +47,14 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
 
     def __init__(self, loaded, transfer: Transfer | None = None,
                  tree_nodes: int = DEFAULT_TREE_NODES,
-                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS, compile: str = "auto",
-                 max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS):
+                 engine: EngineConfig = EngineConfig(),
+                 max_sessions: int = DEFAULT_MAX_SESSIONS):
         self.loaded = loaded
         # one batched forward per step over every session's work (specdec/engine.py)
-        self.engine = Engine(loaded.model, kv_cache_tokens, max_batch_tokens, "target",
-                             compile=compile_steps(compile, loaded.device),
-                             max_batch_wait_ms=max_batch_wait_ms)
+        self.engine = Engine.configured(loaded.model, engine, "target")
         self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
         self.engine.on_wait = lambda ns: self.telemetry.engine_wait(ns)
+        self.engine.on_prefix = lambda hit, looked: self.telemetry.prefix_lookup(hit, looked)
         self.runner = ModelRunner("target", max_sessions or 256)
         self.live = 0
         self.transfer = transfer
@@ -158,15 +149,13 @@ class TargetServicer(pearl_pb2_grpc.TargetServiceServicer):
 async def serve(loaded, port: int, host: str = "[::]", tls: ServerTLS | None = None,
                 max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S,
                 transfer: Transfer | None = None, tree_nodes: int = DEFAULT_TREE_NODES,
-                kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compile: str = "auto",
-                max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS
+                engine: EngineConfig = EngineConfig()
                 ) -> tuple[Server, TargetServicer]:
-    servicer = TargetServicer(loaded, transfer, tree_nodes, kv_cache_tokens, max_batch_tokens,
-                              max_sessions, compile, max_batch_wait_ms)
+    servicer = TargetServicer(loaded, transfer, tree_nodes, engine, max_sessions)
     servicer.idle_s = idle_s
     server = Server([pearl_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
-                    label="target service", max_sessions=max_sessions)
+                    label="target service", max_sessions=max_sessions,
+                    store=servicer.engine.store)
     pearl_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server.grpc)
     # the port opens NOT_SERVING; SERVING once the compiled steps are built (if any)
     await server.start(port, host, tls.credentials() if tls else None,

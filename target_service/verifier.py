@@ -36,12 +36,14 @@ class Verdict:
     batch_tokens: int = 0  # tokens fed in that step
     queue_ns: int = 0  # time the forward waited for its step
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per committed token, if asked
+    cached_tokens: int = 0  # a start: prompt tokens the prefix cache held (not fed)
 
     def timed(self, f: Forward) -> "Verdict":
         """This verdict with the timing of the forward pass ``f``."""
         self.forward_ns, self.started_unix_ns, self.input_tokens = (
             f.forward_ns, f.started_unix_ns, f.input_tokens)
         self.batch_rows, self.batch_tokens, self.queue_ns = f.batch_rows, f.batch_tokens, f.queue_ns
+        self.cached_tokens = f.reused
         return self
 
 

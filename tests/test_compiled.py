@@ -14,7 +14,7 @@ from conftest import greedy_reference
 from pearl.client import Client
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
-from specdec.engine import Engine, compile_steps
+from specdec.engine import Engine, EngineConfig, compile_steps
 from specdec.models import tiny_model
 from target_service.hidden_transfer.layers import Transfer, TransferLayers
 
@@ -27,7 +27,8 @@ def test_compiled_steps_equal_eager(tiny_draft, tiny_target):
     cfg = tiny_target.model.config
     layers = TransferLayers(cfg.hidden_size, 1, 2, 4).eval()
     c = Cluster(tiny_draft, tiny_target,
-                target_kw=dict(transfer=Transfer(layers, "tiny"), tree_nodes=3, compile="on"))
+                target_kw=dict(transfer=Transfer(layers, "tiny"), tree_nodes=3,
+                                           engine=EngineConfig(compile="on")))
     try:
         with grpc.insecure_channel(c.target_address) as ch:
             info = pearl_pb2_grpc.TargetServiceStub(ch).GetModelInfo(pb.ModelInfoRequest())

@@ -21,7 +21,7 @@ from conftest import greedy_reference
 from pearl.client import Client
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
-from specdec.engine import Engine
+from specdec.engine import Engine, EngineConfig
 from specdec.kv import CachedSequence
 from specdec.kv_store import StoreFull
 from target_service.hidden_transfer.layers import Transfer, TransferLayers
@@ -112,8 +112,8 @@ def test_chunked_prefill_equals_one_pass(tiny_target):
 
 
 def test_full_store_refuses_and_spares_neighbours(tiny_draft, tiny_target):
-    c = Cluster(tiny_draft, tiny_target, target_kw=dict(kv_cache_tokens=128),
-                draft_kw=dict(kv_cache_tokens=128))
+    c = Cluster(tiny_draft, tiny_target, target_kw=dict(engine=EngineConfig(kv_cache_tokens=128)),
+                draft_kw=dict(engine=EngineConfig(kv_cache_tokens=128)))
     try:
         with Client(c.address, timeout_s=120) as cl:
             prompt = PROMPTS[6]  # 61 tokens + 40 new: most of the 128 slots

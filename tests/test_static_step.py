@@ -13,7 +13,7 @@ import torch
 
 from specdec import batch_forward
 from specdec.batch_forward import Row
-from specdec.kv_store import Slots
+from specdec.kv_store import BlockTable
 from specdec.models import tiny_model
 from specdec.static_step import MAX_WIDTH, StaticStep
 
@@ -27,13 +27,13 @@ def model():
     return tiny_model(11, num_layers=2, num_kv_heads=2)
 
 
-def prefilled(store, model, lengths: list[int], seed: int) -> list[Slots]:
+def prefilled(store, model, lengths: list[int], seed: int) -> list[BlockTable]:
     """One session per length, its prompt's K/V in the store (eager prefill)."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     sessions = []
     for n in lengths:
-        s = Slots()
+        s = BlockTable()
         store.reserve(s, n)
         batch_forward.forward(model, store, [Row(s, torch.randint(1, vocab, (n,), generator=g)
                                                  .tolist(), [])])
@@ -42,7 +42,7 @@ def prefilled(store, model, lengths: list[int], seed: int) -> list[Slots]:
     return sessions
 
 
-def step_rows(store, sessions: list[Slots], seed: int) -> list[Row]:
+def step_rows(store, sessions: list[BlockTable], seed: int) -> list[Row]:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for s, (_, n, keep) in zip(sessions, ROWS):
@@ -100,7 +100,7 @@ def test_static_step_equals_the_eager_step(model, buckets):
 def test_only_plain_short_rows_take_the_static_step(model):
     store = batch_forward.store_for(model, 256)
     static = StaticStep(model, store, compiled=False)
-    s = Slots()
+    s = BlockTable()
     plain = Row(s, [1] * MAX_WIDTH, [0])
     assert static.fits([plain])
     assert not static.fits([plain, Row(s, [1] * (MAX_WIDTH + 1), [0])])  # a prefill chunk

@@ -155,7 +155,8 @@ def now() -> int:
 
 def usage(stats: pb.GenerateStats) -> dict:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens}
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens}}
 
 
 def metrics(stats: pb.GenerateStats) -> dict:

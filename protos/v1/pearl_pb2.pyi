@@ -45,7 +45,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "vocab_size", "eos_token_ids", "max_positions", "tokenizer_json", "chat_template", "device", "dtype", "live_sessions", "hidden_transfer", "engine", "kv_cache_tokens", "kv_free_tokens", "kv_bytes_per_token", "max_batch_tokens", "compiled")
+    __slots__ = ("model", "vocab_size", "eos_token_ids", "max_positions", "tokenizer_json", "chat_template", "device", "dtype", "live_sessions", "hidden_transfer", "engine", "kv_cache_tokens", "kv_free_tokens", "kv_bytes_per_token", "max_batch_tokens", "compiled", "prefix_cache", "kv_cached_tokens", "prefix_hit_tokens", "prefix_lookup_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,10 @@ class ModelInfoResponse(_message.Message):
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -78,7 +82,11 @@ class ModelInfoResponse(_message.Message):
     kv_bytes_per_token: int
     max_batch_tokens: int
     compiled: bool
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_positions: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., live_sessions: _Optional[int] = ..., hidden_transfer: _Optional[str] = ..., engine: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., compiled: _Optional[bool] = ...) -> None: ...
+    prefix_cache: bool
+    kv_cached_tokens: int
+    prefix_hit_tokens: int
+    prefix_lookup_tokens: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_positions: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., live_sessions: _Optional[int] = ..., hidden_transfer: _Optional[str] = ..., engine: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., compiled: _Optional[bool] = ..., prefix_cache: _Optional[bool] = ..., kv_cached_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_lookup_tokens: _Optional[int] = ...) -> None: ...
 
 class DraftStart(_message.Message):
     __slots__ = ("session_id", "prompt_ids", "sampling", "window_id", "draft_until", "trace_context")
@@ -140,7 +148,7 @@ class DraftRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[DraftStart, _Mapping]] = ..., extend: _Optional[_Union[DraftExtend, _Mapping]] = ..., rollback: _Optional[_Union[DraftRollback, _Mapping]] = ..., stop: _Optional[_Union[DraftStop, _Mapping]] = ...) -> None: ...
 
 class DraftProposal(_message.Message):
-    __slots__ = ("window_id", "position", "token_id", "q", "forward_ns", "started_unix_ns", "input_tokens", "batch_rows", "batch_tokens", "queue_ns")
+    __slots__ = ("window_id", "position", "token_id", "q", "forward_ns", "started_unix_ns", "input_tokens", "batch_rows", "batch_tokens", "queue_ns", "cached_tokens")
     WINDOW_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +159,7 @@ class DraftProposal(_message.Message):
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     window_id: int
     position: int
     token_id: int
@@ -161,7 +170,8 @@ class DraftProposal(_message.Message):
     batch_rows: int
     batch_tokens: int
     queue_ns: int
-    def __init__(self, window_id: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., q: _Optional[_Union[TokenDistribution, _Mapping]] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., input_tokens: _Optional[int] = ..., batch_rows: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., queue_ns: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, window_id: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., q: _Optional[_Union[TokenDistribution, _Mapping]] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., input_tokens: _Optional[int] = ..., batch_rows: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., queue_ns: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("proposal",)
@@ -229,7 +239,7 @@ class VerifyRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[VerifyStart, _Mapping]] = ..., window: _Optional[_Union[VerifyWindow, _Mapping]] = ..., stop: _Optional[_Union[VerifyStop, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("position", "verified", "accepted", "token_id", "committed", "forward_ns", "started_unix_ns", "window_id", "phase", "input_tokens", "has_token", "accepted_ids", "batch_rows", "batch_tokens", "queue_ns", "logprobs")
+    __slots__ = ("position", "verified", "accepted", "token_id", "committed", "forward_ns", "started_unix_ns", "window_id", "phase", "input_tokens", "has_token", "accepted_ids", "batch_rows", "batch_tokens", "queue_ns", "logprobs", "cached_tokens")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +256,7 @@ class VerifyResult(_message.Message):
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     position: int
     verified: int
     accepted: int
@@ -262,7 +273,8 @@ class VerifyResult(_message.Message):
     batch_tokens: int
     queue_ns: int
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, position: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., committed: _Optional[int] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., input_tokens: _Optional[int] = ..., has_token: _Optional[bool] = ..., accepted_ids: _Optional[_Iterable[int]] = ..., batch_rows: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., queue_ns: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, position: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., committed: _Optional[int] = ..., forward_ns: _Optional[int] = ..., started_unix_ns: _Optional[int] = ..., window_id: _Optional[int] = ..., phase: _Optional[str] = ..., input_tokens: _Optional[int] = ..., has_token: _Optional[bool] = ..., accepted_ids: _Optional[_Iterable[int]] = ..., batch_rows: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., queue_ns: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("result",)
@@ -329,7 +341,7 @@ class ForwardTimes(_message.Message):
     def __init__(self, count: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("new_tokens", "wall_s", "tokens_per_s", "draft_tokens", "accepted_tokens", "acceptance_rate", "target_forwards", "draft_forwards", "tokens_per_target_forward", "mean_accepted_tokens", "per_position_acceptance", "gamma_history", "draft_length_histogram", "both_busy_s", "target_idle_s", "draft_idle_s", "overlap_ratio", "stale_proposals", "time_to_first_token_s", "finish_reason", "mode", "prompt_tokens", "fell_back", "fallback_reason", "prefill_s", "target_forward_times", "draft_forward_times", "queue_wait_s", "mean_target_batch")
+    __slots__ = ("new_tokens", "wall_s", "tokens_per_s", "draft_tokens", "accepted_tokens", "acceptance_rate", "target_forwards", "draft_forwards", "tokens_per_target_forward", "mean_accepted_tokens", "per_position_acceptance", "gamma_history", "draft_length_histogram", "both_busy_s", "target_idle_s", "draft_idle_s", "overlap_ratio", "stale_proposals", "time_to_first_token_s", "finish_reason", "mode", "prompt_tokens", "fell_back", "fallback_reason", "prefill_s", "target_forward_times", "draft_forward_times", "queue_wait_s", "mean_target_batch", "cached_prompt_tokens", "draft_cached_prompt_tokens")
     class DraftLengthHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -380,6 +392,8 @@ class GenerateStats(_message.Message):
     DRAFT_FORWARD_TIMES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     MEAN_TARGET_BATCH_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     new_tokens: int
     wall_s: float
     tokens_per_s: float
@@ -409,7 +423,9 @@ class GenerateStats(_message.Message):
     draft_forward_times: _containers.MessageMap[int, ForwardTimes]
     queue_wait_s: float
     mean_target_batch: float
-    def __init__(self, new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_forwards: _Optional[int] = ..., draft_forwards: _Optional[int] = ..., tokens_per_target_forward: _Optional[float] = ..., mean_accepted_tokens: _Optional[float] = ..., per_position_acceptance: _Optional[_Iterable[float]] = ..., gamma_history: _Optional[_Iterable[int]] = ..., draft_length_histogram: _Optional[_Mapping[int, int]] = ..., both_busy_s: _Optional[float] = ..., target_idle_s: _Optional[float] = ..., draft_idle_s: _Optional[float] = ..., overlap_ratio: _Optional[float] = ..., stale_proposals: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., mode: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., fell_back: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., prefill_s: _Optional[float] = ..., target_forward_times: _Optional[_Mapping[int, ForwardTimes]] = ..., draft_forward_times: _Optional[_Mapping[int, ForwardTimes]] = ..., queue_wait_s: _Optional[float] = ..., mean_target_batch: _Optional[float] = ...) -> None: ...
+    cached_prompt_tokens: int
+    draft_cached_prompt_tokens: int
+    def __init__(self, new_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_forwards: _Optional[int] = ..., draft_forwards: _Optional[int] = ..., tokens_per_target_forward: _Optional[float] = ..., mean_accepted_tokens: _Optional[float] = ..., per_position_acceptance: _Optional[_Iterable[float]] = ..., gamma_history: _Optional[_Iterable[int]] = ..., draft_length_histogram: _Optional[_Mapping[int, int]] = ..., both_busy_s: _Optional[float] = ..., target_idle_s: _Optional[float] = ..., draft_idle_s: _Optional[float] = ..., overlap_ratio: _Optional[float] = ..., stale_proposals: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., mode: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., fell_back: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., prefill_s: _Optional[float] = ..., target_forward_times: _Optional[_Mapping[int, ForwardTimes]] = ..., draft_forward_times: _Optional[_Mapping[int, ForwardTimes]] = ..., queue_wait_s: _Optional[float] = ..., mean_target_batch: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., draft_cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "stats", "logprobs")
@@ -428,11 +444,15 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("live_sessions", "max_sessions", "draining")
+    __slots__ = ("live_sessions", "max_sessions", "draining", "kv_free_tokens", "kv_cached_tokens")
     LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KV_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     live_sessions: int
     max_sessions: int
     draining: bool
-    def __init__(self, live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    kv_free_tokens: int
+    kv_cached_tokens: int
+    def __init__(self, live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_free_tokens: _Optional[int] = ..., kv_cached_tokens: _Optional[int] = ...) -> None: ...

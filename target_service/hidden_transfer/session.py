@@ -90,6 +90,7 @@ class HiddenTransferSession:
             v.forward_ns += fill.forward_ns
             v.queue_ns += fill.queue_ns
             v.input_tokens += fill.input_tokens
+            v.cached_tokens = fill.reused
         v.position = position
         self.started = True
         return v
