@@ -490,7 +490,13 @@ class Sequence(TokenIds):
         if not ids:
             raise ValueError("nothing to feed: the sequence is empty")
         deadline = time.monotonic() + PREFIX_WAIT_S
-        while (filling := store.lookup(self.slots, ids, time.monotonic() < deadline)):
+        while True:
+            with self.engine.cv:  # not while release() gives the pages back
+                if self.closing:
+                    raise RuntimeError("the session is closed")
+                filling = store.lookup(self.slots, ids, time.monotonic() < deadline)
+            if filling is None:
+                break
             filling.wait(max(0.0, deadline - time.monotonic()))
         keep = min(max(keep, 0), len(ids))
         if self.slots.cached > len(ids) - keep:  # a whole cached prompt: feed its last tokens
@@ -508,7 +514,8 @@ class Sequence(TokenIds):
         except BaseException:
             store.abandon(self.slots)
             raise
-        store.keep(self.slots, self.ids)
+        with self.engine.cv:  # not while release() gives the pages back
+            store.keep(self.slots, self.ids)
         f.reused = reused
         return f
 

@@ -45,6 +45,7 @@ class BlockTable:
         self.pages: list[int] = []
         self.cached = 0  # slots 0..cached-1 hold the K/V of the session's first tokens
         self.keys: list[bytes] = []  # chain keys of its first full pages (computed once)
+        self.promised: list[bytes] = []  # keys of pages its prefill fills for others to share
         self._table: torch.Tensor | None = None  # self.pages as a tensor, rebuilt on change
 
     def table(self, device: torch.device) -> torch.Tensor:
@@ -120,10 +121,10 @@ class KVStore:
 
     def release(self, slots: BlockTable, ids: list[int] | None = None) -> None:
         """Give a session's pages back; with its ``ids``, first cache its full pages."""
-        if ids is not None:
-            self.keep(slots, ids)
-        self.abandon(slots)
         with self.lock:
+            if ids is not None:
+                self._keep(slots, ids)
+            self._abandon(slots)
             for page in reversed(slots.pages):  # the chain's tail becomes the first evicted
                 if page in self.key_of:
                     self.refs[page] -= 1
@@ -131,7 +132,7 @@ class KVStore:
                         self.idle[page] = None
                 else:
                     self.free.append(page)
-        slots.pages, slots.keys, slots.cached = [], [], 0
+            slots.pages, slots.keys, slots.cached = [], [], 0
         slots.changed()
 
     # -- the prefix cache --------------------------------------------------------------------
@@ -155,8 +156,8 @@ class KVStore:
         and return the event to wait for (then look up again)."""
         if not self.prefix_cache or slots.pages:
             return None
-        keys = self.chain(slots, ids, len(ids) // self.page_size)
         with self.lock:
+            keys = self.chain(slots, ids, len(ids) // self.page_size)
             hit = 0
             while hit < len(keys) and keys[hit] in self.page_of:
                 hit += 1
@@ -167,8 +168,9 @@ class KVStore:
                 self.refs[page] += 1
                 self.idle.pop(page, None)
                 slots.pages.append(page)
-            for key in keys[hit:]:
-                self.filling.setdefault(key, threading.Event())
+            slots.promised = [k for k in keys[hit:] if k not in self.filling]
+            for key in slots.promised:
+                self.filling[key] = threading.Event()
             slots.cached = hit * self.page_size
             self.hit_tokens += slots.cached
             self.lookup_tokens += len(ids)
@@ -178,36 +180,43 @@ class KVStore:
     def keep(self, slots: BlockTable, ids: list[int]) -> None:
         """Cache the session's full pages of known K/V (``ids[:cached]``) and wake the sessions
         waiting for them. A page whose tokens another page already caches stays private."""
+        with self.lock:
+            self._keep(slots, ids)
+
+    def _keep(self, slots: BlockTable, ids: list[int]) -> None:
         if not self.prefix_cache:
             return
         full = min(slots.cached, len(ids), len(slots.pages) * self.page_size) // self.page_size
-        keys = self.chain(slots, ids, full)
-        with self.lock:
-            for key, page in zip(keys, slots.pages):
-                if page not in self.key_of and key not in self.page_of:
-                    self.page_of[key], self.key_of[page], self.refs[page] = page, key, 1
-            for key in keys:
-                event = self.filling.pop(key, None)
-                if event is not None:
-                    event.set()
+        for key, page in zip(self.chain(slots, ids, full), slots.pages):
+            if page not in self.key_of and key not in self.page_of:
+                self.page_of[key], self.key_of[page], self.refs[page] = page, key, 1
+        kept = [k for k in slots.promised if k in self.page_of]
+        self._wake(kept)
+        slots.promised = [k for k in slots.promised if k not in self.page_of]
 
     def abandon(self, slots: BlockTable) -> None:
         """Wake the sessions waiting for pages this session promised but will not fill."""
         with self.lock:
-            for key in slots.keys:
-                if key not in self.page_of:
-                    event = self.filling.pop(key, None)
-                    if event is not None:
-                        event.set()
+            self._abandon(slots)
+
+    def _abandon(self, slots: BlockTable) -> None:
+        self._wake(slots.promised)
+        slots.promised = []
+
+    def _wake(self, keys: list[bytes]) -> None:
+        for key in keys:
+            event = self.filling.pop(key, None)
+            if event is not None:
+                event.set()
 
     def unshare(self, slots: BlockTable, n: int) -> None:
         """Slots n.. will be written again (a rollback to n): the cached pages they lie in
         become private (the page holding slot n a copy, for its slots before n)."""
         first = n // self.page_size
-        del slots.keys[first:]
-        if not self.key_of or not any(p in self.key_of for p in slots.pages[first:]):
-            return
         with self.lock:
+            del slots.keys[first:]
+            if not self.key_of or not any(p in self.key_of for p in slots.pages[first:]):
+                return
             for i in range(first, len(slots.pages)):
                 page = slots.pages[i]
                 if page not in self.key_of:
