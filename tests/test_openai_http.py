@@ -114,6 +114,20 @@ def test_chat_multi_turn_with_a_system_prompt(http, chat_pair):
     assert [t for o in out for t in o.token_ids] == ref
 
 
+def test_usage_reports_the_prompt_tokens_the_cache_held(http):
+    """A second chat with the same long system prompt: its usage says how many prompt tokens
+    the target's prefix cache held, as OpenAI's ``prompt_tokens_details.cached_tokens``."""
+    system = {"role": "system", "content": "Answer in code. " * 6}  # > 2 pages of 16 tokens
+    sdk = http.sdk()
+    first = sdk.chat.completions.create(model=http.model, max_tokens=4, messages=[
+        system, {"role": "user", "content": "sum?"}])
+    second = sdk.chat.completions.create(model=http.model, max_tokens=4, messages=[
+        system, {"role": "user", "content": "product?"}])
+    assert first.usage.prompt_tokens > 2 * 16
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 2 * 16 <= cached < second.usage.prompt_tokens and cached % 16 == 0
+
+
 def test_streamed_equals_not_streamed_and_reports_usage(http):
     sdk = http.sdk()
     msgs = [{"role": "user", "content": "def g(y):"}]
