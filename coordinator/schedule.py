@@ -12,7 +12,9 @@ rule is ``Request.decide``; the schedules only choose what to ask next:
 - ``Alone`` (ar): windows of zero draft tokens, one token per target forward.
 - ``SD``: the draft drafts gamma tokens, the target verifies them (with a bonus), the draft rolls
   back; strictly in turn.
-- ``Pearl``: draft and target at the same time (the state machine is described on the class).
+- ``Pearl``: draft and target at the same time (the state machine is described on the class);
+  under a compute-bound load its adaptive window may be 0: it then decodes as ``Alone`` does,
+  its draft parked, until the window comes back (``Timing``).
 - ``HiddenTransfer``: the target alone, drafting for itself (target_service/hidden_transfer/):
   every window is empty and the target answers with the drafts it accepted plus its own token.
 
@@ -31,7 +33,8 @@ import asyncio
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from itertools import islice
+from typing import Literal, NamedTuple
 
 from coordinator.links import DraftLink, Event, Proposal, TargetLink, Verdict
 from coordinator.output import Output
@@ -72,23 +75,56 @@ class Plan:
     logprobs: int | None = None  # None, or the top alternatives to report with each logprob
 
 
+class Line(NamedTuple):
+    """A least-squares line of the target's step time (ns) on the tokens the step fed."""
+
+    mx: float  # mean tokens
+    my: float  # mean time
+    b: float  # slope, ns per token
+    se: float  # standard error of the slope
+
+
 class Timing:
     """Moving averages of one draft step and one target verification, in ns, and the window
-    they call for.
+    they call for: pearl's window, 0 when speculation should be off.
 
     gamma = ceil(t_verify / t_draft), clamped to [1, gamma_max]: the draft drafts a window in
     the time the target verifies one (docs/design.md section 4). Under batching the target's step
     can become compute-bound: its time then grows with the tokens all sessions feed, and a longer
     window costs every batch-mate more than it saves. So the rule is also capped by goodput
-    (SmartSpec's idea): from the verdicts' step times and step sizes, a least-squares line
-    t_step = a + b * tokens, and from the verdicts the acceptance rate alpha; among windows up
-    to the balanced one, take the g that maximises the tokens a window commits, (1 - alpha^(g+1))
-    / (1 - alpha), per step time a + b * rows * (g + 1). When steps are memory-bound (b ~ 0) that
-    is the balanced window itself; the cap only bites when extra tokens cost real time.
+    (SmartSpec's idea): from the target's steps (each counted once, however many of our sessions
+    it carried), a least-squares line t_step = a + b * tokens, and from the verdicts the
+    acceptance rate alpha; among windows up to the balanced one, take the g that maximises the
+    tokens a window commits, (1 - alpha^(g+1)) / (1 - alpha), per step time
+    a + b * rows * (g + 1). When steps are memory-bound (b ~ 0) that is the balanced window
+    itself; the cap only bites when extra tokens cost real time.
 
-    Shared by all requests of a coordinator (they run on the same services)."""
+    **Speculation off** (window 0): g = 0 is ar, one token per step of a + b * rows. When its
+    goodput beats the best g >= 1 by OFF_MARGIN, every adaptive pearl session decodes as ar and
+    its draft stops (``Pearl``); it comes back when the best g >= 1 beats g = 0 by ON_MARGIN.
+    Both tests allow for the slope's uncertainty: off is judged with the slope Z standard errors
+    below its estimate, on with it Z above, so a noisy line (a loaded CPU, few distinct step
+    sizes) widens the band instead of flipping the state, and a line that cannot be identified
+    (step sizes that vary by less than a token, as when every session is off at a steady load)
+    keeps it. Between
+    two switches at least DWELL_STEPS target steps pass. The feedback: while off, the measured
+    steps are ar's (rows tokens each); the line stays identified as long as the load moves (a
+    falling load gives smaller steps, and the rows measured fall with it), and the acceptance
+    is not measured at all. So after PROBE_STEPS steps off, speculation comes back on for at
+    least DWELL_STEPS steps whatever the line says (a probe): fresh acceptance and steps of
+    the windows' size, then the rule decides again. Under a steady heavy load that costs about
+    DWELL_STEPS / PROBE_STEPS of the steps at the worse choice; without it a draft measured bad
+    once, or a line measured under another load, could keep speculation off for good.
 
-    SAMPLES = 64  # recent (step tokens, step time) pairs for the line
+    Shared by all requests of a coordinator (they run on the same services), and so is the
+    switch: the load it answers is the services'."""
+
+    SAMPLES = 64  # recent distinct target steps (tokens, time) for the line
+    OFF_MARGIN = 0.10  # g = 0 must beat the best window by 10% to turn speculation off
+    ON_MARGIN = 0.10  # the best window must beat g = 0 by 10% to turn it back on
+    Z = 2.0  # standard errors of the slope the switch allows for
+    DWELL_STEPS = 32  # target steps at least between two switches
+    PROBE_STEPS = 512  # target steps off after which speculation is tried again
 
     def __init__(self, alpha: float = 0.2, gamma_init: int = DEFAULT_GAMMA):
         self.alpha = alpha
@@ -98,6 +134,11 @@ class Timing:
         self.steps: deque[tuple[int, int]] = deque(maxlen=self.SAMPLES)
         self.rows: float | None = None  # sessions per target step
         self.acceptance: float | None = None
+        self.off = False  # speculation off: adaptive windows are 0
+        self.since_switch = self.DWELL_STEPS  # target steps since the last switch
+        self.switches = 0
+        self._fit: Line | None = None
+        self._fitted = True  # _fit is up to date with steps
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
@@ -109,41 +150,77 @@ class Timing:
     def verify(self, forward_ns: int, batch_tokens: int = 0, batch_rows: int = 0) -> None:
         self.t_verify = self._ema(self.t_verify, forward_ns)
         if batch_tokens and batch_rows:
-            self.steps.append((batch_tokens, forward_ns))
             self.rows = self._ema(self.rows, batch_rows)
+            step = (batch_tokens, forward_ns)
+            # every session in a step reports the same step: it is one sample, and one step
+            if step not in islice(reversed(self.steps), batch_rows):
+                self.steps.append(step)
+                self.since_switch += 1
+                self._fitted = False
 
     def judged(self, verified: int, accepted: int) -> None:
         if verified:
             self.acceptance = self._ema(self.acceptance, accepted / verified)
 
+    def fit(self) -> Line | None:
+        """The least-squares line of step time on step tokens over the recent steps; None while
+        there are fewer than 8 or their sizes have not varied enough to tell the slope (by less
+        than a token, as a root mean square)."""
+        if not self._fitted:
+            self._fitted, self._fit = True, None
+            n = len(self.steps)
+            if n >= 8:
+                mx = sum(x for x, _ in self.steps) / n
+                my = sum(y for _, y in self.steps) / n
+                sxx = sum((x - mx) ** 2 for x, _ in self.steps)
+                if sxx >= n:
+                    b = sum((x - mx) * (y - my) for x, y in self.steps) / sxx
+                    ssr = sum((y - my - b * (x - mx)) ** 2 for x, y in self.steps)
+                    self._fit = Line(mx, my, b, math.sqrt(ssr / (n - 2) / sxx))
+        return self._fit
+
     def cost_line(self) -> tuple[float, float] | None:
         """(a, b) of t_step = a + b * tokens over the recent steps; None while the step sizes
-        have not varied enough to tell."""
-        if len(self.steps) < 8:
+        have not varied enough to tell (by less than a token, as a root mean square)."""
+        f = self.fit()
+        if f is None:
             return None
-        n = len(self.steps)
-        mx = sum(x for x, _ in self.steps) / n
-        my = sum(y for _, y in self.steps) / n
-        var = sum((x - mx) ** 2 for x, _ in self.steps)
-        if var < n:  # step sizes almost constant: the slope is not identified
-            return None
-        b = max(0.0, sum((x - mx) * (y - my) for x, y in self.steps) / var)
-        return max(0.0, my - b * mx), b
+        b = max(0.0, f.b)
+        return max(0.0, f.my - b * f.mx), b
 
-    def gamma(self, gamma_max: int) -> int:
+    def _goodput(self, f: Line, b: float, p: float, g: int) -> float:
+        """Tokens a window of ``g`` commits per ns of step, on the line of slope ``b`` through
+        the centre of the steps ``f`` fits."""
+        b = max(0.0, b)
+        a = max(0.0, f.my - b * f.mx)
+        return (1 - p ** (g + 1)) / (1 - p) / max(1.0, a + b * self.rows * (g + 1))
+
+    def gamma(self, gamma_max: int, may_stop: bool = True) -> int:
+        """The window for a session now; 0 when speculation is off and ``may_stop``."""
         if self.t_draft is None or self.t_verify is None:
             return min(self.gamma_init, gamma_max)
         balanced = max(1, min(gamma_max, math.ceil(self.t_verify / self.t_draft)))
-        line, a_ = self.cost_line(), self.acceptance
-        if line is None or a_ is None or self.rows is None:
-            return balanced
-        a, b = line
-        p = min(a_, 0.999)
+        f, p, g = self.fit(), self.acceptance, balanced
+        known = f is not None and p is not None and self.rows is not None
+        if known:
+            p = min(p, 0.999)
+            windows = range(1, balanced + 1)
+            g = max(windows, key=lambda g: (self._goodput(f, f.b, p, g), g))
 
-        def goodput(g: int) -> float:  # tokens a window commits per ns of step
-            return (1 - p ** (g + 1)) / (1 - p) / (a + b * self.rows * (g + 1))
+            def ratio(b: float) -> float:  # goodput of g = 0 over the best g >= 1
+                return self._goodput(f, b, p, 0) / max(self._goodput(f, b, p, g) for g in windows)
+        if self.since_switch >= self.DWELL_STEPS:
+            if self.off:
+                if (self.since_switch >= self.PROBE_STEPS
+                        or known and ratio(f.b + self.Z * f.se) * (1 + self.ON_MARGIN) < 1):
+                    self._switch(False)
+            elif known and ratio(f.b - self.Z * f.se) > 1 + self.OFF_MARGIN:
+                self._switch(True)
+        return 0 if self.off and may_stop else g
 
-        return max(range(1, balanced + 1), key=lambda g: (goodput(g), g))
+    def _switch(self, off: bool) -> None:
+        self.off, self.since_switch = off, 0
+        self.switches += 1
 
 
 @dataclass
@@ -346,7 +423,7 @@ class SD(Schedule):
             await r.draft.rollback(position + v.accepted, [v.token], wid, len(r.committed) + n)
 
 
-Phase = Literal["pre", "held", "post"]
+Phase = Literal["pre", "held", "post", "off"]
 
 
 class Pearl(Schedule):
@@ -375,9 +452,22 @@ class Pearl(Schedule):
     t_draft) from the services' measured forward times, capped by goodput under batching
     (``Timing``), unless a fixed gamma is asked for.
 
+    ``off``: speculation is off (the adaptive window is 0 under load, ``Timing``). The session
+    decodes as ar: empty windows, the target chooses each token itself by ar's rule (the first
+    from the distribution it holds, if it holds one, without a forward pass). The draft is
+    *parked*: a rollback to the committed end with nothing left to draft, so it stops at once and
+    its proposals in flight are stale; no horizon is pushed while off. When the window is >= 1
+    again, a rollback appends the tokens committed meanwhile and opens a new run, and the session
+    goes on in pre (or held, if the target still holds the distribution of its prefill). Every
+    position is then decided either by pearl's rule on the draft's token there or, while off, by
+    ar's: greedy output stays the target's own. A sampled request never goes off (``gamma``),
+    nor does a fixed gamma.
+
     Statistics: the draft protocol opens a window per push of the horizon; the statistics count a
     *run*, the draft tokens from one start or rollback to the next (PEARL's adaptive draft
     length), as one window: its id is the run's first window's, offsets count from its start.
+    ``gamma_history`` has a 0 for every window decoded with speculation off (``off_windows``;
+    each commits one token).
     """
 
     def __init__(self, r: Request):
@@ -387,6 +477,9 @@ class Pearl(Schedule):
         self.oldest_live = 1  # proposals of older windows are stale
         self.until = 0  # the draft's horizon: it drafts up to here
         self.run_id, self.run_start = 0, 0  # the current run (statistics)
+        self.parked = 0  # off: the draft holds committed[:parked] and drafts nothing
+        self.holds = False  # off: the target holds the distribution of the committed end
+        self.off_windows = 0  # windows decoded with speculation off (each commits one token)
 
     async def run(self) -> None:
         r = self.r
@@ -394,7 +487,10 @@ class Pearl(Schedule):
         await r.start_target(first_token=False)
         L = len(r.committed)
         wid = self.new_run(L)
-        self.until = self.horizon(L, self.gamma())
+        if g := self.gamma():
+            self.until = self.horizon(L, g)
+        else:  # speculation is off already: the draft takes the prompt and drafts nothing
+            self.phase, self.parked, self.until = "off", L, L
         await r.draft.start(r.plan.session_id, r.committed, wid, self.until, r.plan.sampling)
         while True:
             ev = await r.next_event()
@@ -417,7 +513,9 @@ class Pearl(Schedule):
             self.drafted.pop(q, None)
         if self.r.decide(v):
             return True
-        if v.token is not None:  # a rejection: the correction replaced the draft token
+        if self.phase == "off":  # the prefill (it holds a distribution) or an empty window
+            self.holds = v.token is None
+        elif v.token is not None:  # a rejection: the correction replaced the draft token
             await self.rollback(v.position + v.accepted, v.token)
         elif self.phase == "held":  # accepted with the held distribution: feed it next
             self.phase = "post"
@@ -430,10 +528,19 @@ class Pearl(Schedule):
     async def send_verify(self) -> None:
         if self.r.due:  # one verification in flight at a time
             return
+        g = self.gamma()
+        if g and self.phase == "off":
+            await self.resume(g)
+        elif not g and self.phase != "off":
+            await self.park()
         L = len(self.r.committed)
+        if self.phase == "off":  # as ar: the target chooses the token at L itself
+            self.r.rec.window(0)
+            self.off_windows += 1
+            await self.r.ask([], [], 0, "ar", bonus=True)
+            return
         if self.phase != "post" and L not in self.drafted:
             return  # held, pre: the draft's token at L first
-        g = self.gamma()
         if self.phase == "held":  # judged with the held distribution: one token, no forward
             positions = [L]
         else:  # pre, post: a forward with the draft tokens that exist now, at most gamma
@@ -450,7 +557,12 @@ class Pearl(Schedule):
     # -- the draft's horizon
 
     def gamma(self) -> int:
-        return self.r.plan.gamma or self.r.timing.gamma(self.r.plan.gamma_max)
+        """The window now: fixed, or adaptive (``Timing``). A sampled request never goes to 0:
+        positions decided while off are drawn by ar's rule, so its tokens would depend on the
+        load, and a seed must give the same text alone and under load."""
+        plan = self.r.plan
+        sampled = getattr(plan.sampling, "temperature", 0) > 0
+        return plan.gamma or self.r.timing.gamma(plan.gamma_max, may_stop=not sampled)
 
     def horizon(self, end: int, g: int) -> int:
         """``g`` (gamma) tokens past ``end``, the first position the target has not been sent:
@@ -471,13 +583,45 @@ class Pearl(Schedule):
             await self.r.draft.extend(self.r.take_window_id(), goal)
 
     async def rollback(self, keep: int, token: int) -> None:
-        """The draft keeps ``keep`` tokens, appends the target's token, starts a new run."""
+        """The draft keeps ``keep`` tokens, appends the target's token, starts a new run; or,
+        when the window is 0 now, takes the token and drafts nothing (speculation off)."""
         self.drafted.clear()
-        wid = self.new_run(keep + 1)
+        if g := self.gamma():
+            wid = self.new_run(keep + 1)
+            self.phase = "pre"
+            self.until = self.horizon(keep + 1, g)
+        else:
+            wid = self.r.take_window_id()
+            self.phase, self.holds, self.parked, self.until = "off", False, keep + 1, keep + 1
         self.oldest_live = wid
-        self.phase = "pre"
-        self.until = self.horizon(keep + 1, self.gamma())
         await self.r.draft.rollback(keep, [token], wid, self.until)
+
+    # -- speculation off and on
+
+    async def park(self) -> None:
+        """Speculation off: the draft drops what it drafted past the committed end and drafts
+        nothing more (its step in flight is aborted, its proposals in flight are stale). Its
+        sequence starts with every committed token (pearl commits the draft's own tokens and
+        sends it each correction), so it keeps them all."""
+        L = len(self.r.committed)
+        wid = self.r.take_window_id()
+        self.drafted.clear()
+        self.oldest_live = wid
+        self.holds = self.phase == "held"
+        self.phase, self.parked, self.until = "off", L, L
+        await self.r.draft.rollback(L, [], wid, L)
+
+    async def resume(self, g: int) -> None:
+        """Speculation on again: the draft takes the tokens committed while it was parked and
+        drafts a new run; the target's token at the committed end is next, as after a
+        rejection (pre), or the distribution it holds judges the draft's first token (held)."""
+        L = len(self.r.committed)
+        wid = self.new_run(L)
+        self.drafted.clear()
+        self.oldest_live = wid
+        self.phase = "held" if self.holds else "pre"
+        self.until = self.horizon(L, g)
+        await self.r.draft.rollback(self.parked, self.r.committed[self.parked:], wid, self.until)
 
 
 SCHEDULES: dict[str, type[Schedule]] = {
