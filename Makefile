@@ -5,7 +5,7 @@ PEARL  := $(VENV)/bin/pearl
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup protos models run demo test test-fast soak bench bench-load transfer clean
+.PHONY: setup protos models run demo test test-fast soak bench bench-load bench-serve transfer clean
 
 setup: $(STAMP)
 
@@ -84,6 +84,11 @@ bench: setup
 # 200-request mixed load for the RSS check; docs/data/bench-load.json, docs/bench-load.png.
 bench-load: setup
 	$(PEARL) bench --concurrency 1,2,4,8 --rss-check
+
+# Open-loop arrivals (Poisson) of a mixed workload: TTFT, TPOT, latency p50/p99 and goodput per
+# request rate; docs/data/bench-serve.json, docs/bench-serve.png (pearl/bench_serve.py).
+bench-serve: setup
+	$(PEARL) bench serve
 
 # Train Hidden Transfer layers for the default target (docs/hidden-transfer.md); the target
 # service then finds them in the model cache. A trained file also ships in

@@ -298,8 +298,10 @@ def main(argv: list[str] | None = None) -> None:
                 add_transfer):
         add(sub)
     from pearl.bench_load import extend_bench
+    from pearl.bench_serve import add_bench_serve
 
     extend_bench(sub.choices["bench"])  # --concurrency: the load bench (pearl/bench_load.py)
+    add_bench_serve(sub.choices["bench"])  # `bench serve`: the open-loop bench (bench_serve.py)
     a = parser.parse_args(argv)
     a.fn(a)
 

@@ -193,7 +193,10 @@ def test_load_bench_with_a_replaying_draft(tmp_path):
     for name in ("sd", "pearl"):
         for c, s in res["phases"][name].items():
             assert s["identical_share"] == 1.0, (name, c)  # lossless: ar's tokens
-            assert 0.03 <= s["acceptance_rate_mean"] <= 0.4, (name, c, s["acceptance_rate_mean"])
+            # pearl's adaptive window may back off to 0 at so low an acceptance (its goodput
+            # rule, coordinator/schedule.py Timing): then it drafts nothing and accepts nothing
+            low = 0.03 if name == "sd" else 0.0
+            assert low <= s["acceptance_rate_mean"] <= 0.4, (name, c, s["acceptance_rate_mean"])
     assert "acceptance_rate_mean" not in res["phases"]["ar"]["1"]
     assert res["config"]["replay_acceptance"] == chosen
     assert res["config"]["acceptance"].startswith("chosen: ")
