@@ -7,6 +7,16 @@ engine's KV store (specdec/kv_store.py). So a row's result does not depend on it
 the linear layers see a row's tokens as independent rows of one matrix, and its attention reads
 only its own prefix.
 
+Same bits, whatever the shape (on the CPU). A token's numbers must not depend on how many tokens
+share its step, or a seeded draw near a boundary flips between runs of one request: pearl's
+windows, the batch-mates and the prefill chunks all vary with timing. They would in bfloat16:
+oneDNN rounds a linear layer's lone row (M = 1) differently from the same row among others (any
+M >= 2 gives the same bits, whatever the others), and the flash attention kernel rounds a
+query's result by how many queries share its call and how many keys the call holds. So on the
+CPU a linear layer never sees a lone row (``_two``), and a query attends in a call of exactly
+``QUERIES`` queries against its visible keys rounded up to ``KEYS`` (zero and masked beyond):
+shapes that are a function of the query alone (``_plan``, ``_attend``).
+
 Words:
   row     one session's tokens fed in this step; they continue its cached prefix of P slots
   slot    where a fed token's K/V goes in the session's store: P, P+1, ... in feed order
@@ -28,6 +38,8 @@ import torch.nn.functional as F
 from specdec.kv_store import KVStore, BlockTable
 
 FAMILY = ("qwen2", "llama", "mistral")
+QUERIES = 4  # queries per attention call (the last repeated to fill), on the CPU
+KEYS = 64  # a query's keys are its visible ones rounded up to a multiple of this, on the CPU
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -125,17 +137,19 @@ def forward(model: torch.nn.Module, store: KVStore, rows: list[Row]) -> None:
     b = _Batch(rows, m.embed_tokens(ids), pos)
     pseudo_layer = next((r.pseudo.transfer.layer for r in rows if r.pseudo), None)
     mask_of = {id(r): _mask(r, dev) for r in rows}
+    plans = {} if dev.type == "cpu" else None  # id(row) -> (its mask, _plan of it)
     for li, layer in enumerate(m.layers):
         b = _without_aborted(b)
         if b is None:
             return
         if li == pseudo_layer:
             b = _grow(b, mask_of)
-        b.h = _layer(model, li, b, store, mask_of)
+        b.h = _layer(model, li, b, store, mask_of, plans)
     h = m.norm(b.h)
     idx = torch.tensor([a + i for r, (a, _) in zip(b.rows, b.spans) for i in r.keep],
                        dtype=torch.long, device=dev)
-    logits = model.lm_head(h[idx]).float()  # one pass over the LM head for every row
+    x = h[idx] if plans is None else _two(h[idx])
+    logits = model.lm_head(x)[: len(idx)].float()  # one pass over the LM head for every row
     n = 0
     for r in b.rows:
         r.out = logits[n : n + len(r.keep)]
@@ -154,30 +168,96 @@ def _without_aborted(b: _Batch) -> _Batch | None:
     return b.select([i for i in range(len(b.rows)) if i not in gone])
 
 
-def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict) -> torch.Tensor:
-    """Decoder layer ``li`` over the batch: the new hidden states [T, hidden]."""
+def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict,
+           plans: dict | None) -> torch.Tensor:
+    """Decoder layer ``li`` over the batch: the new hidden states [T, hidden]. ``plans`` (on
+    the CPU): each row's attention calls (``_plan``), kept across layers."""
     cfg, layer = model.config, model.model.layers[li]
     heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = head_dim(cfg)
     cos, sin = (t[0] for t in model.model.rotary_emb(b.h[None], b.pos[None]))
     at, T = layer.self_attn, b.h.shape[0]
-    x = layer.input_layernorm(b.h)
-    q = rope(at.q_proj(x).view(T, heads, hd), cos, sin)
-    k = rope(at.k_proj(x).view(T, kvh, hd), cos, sin)
-    v = at.v_proj(x).view(T, kvh, hd)
+    two = _two if plans is not None else (lambda x: x)
+    x = two(layer.input_layernorm(b.h))
+    q = rope(at.q_proj(x)[:T].view(T, heads, hd), cos, sin)
+    k = rope(at.k_proj(x)[:T].view(T, kvh, hd), cos, sin)
+    v = at.v_proj(x)[:T].view(T, kvh, hd)
     outs = []
     for r, (a, e) in zip(b.rows, b.spans):  # attention per row, against its own pages only
         P = r.slots.cached
         store.write(li, r.slots, P, k[a:e], v[a:e])
-        K, V = store.read(li, r.slots, P + e - a)
         mk = mask_of[id(r)]
+        if plans is not None:
+            if id(r) not in plans or plans[id(r)][0] is not mk:
+                plans[id(r)] = mk, _plan(mk, e - a, P, store.device)
+            outs.append(_attend(q[a:e], store, li, r.slots, P + e - a, plans[id(r)][1],
+                                at.scaling, kvh != heads).reshape(e - a, heads * hd))
+            continue
+        K, V = store.read(li, r.slots, P + e - a)
         o = F.scaled_dot_product_attention(  # [1, heads, n, hd]
             q[a:e].transpose(0, 1)[None], K[None], V[None],
             attn_mask=None if mk is None else mk[None, None], enable_gqa=kvh != heads,
             scale=at.scaling)
         outs.append(o[0].transpose(0, 1).reshape(e - a, heads * hd))
-    h = b.h + at.o_proj(torch.cat(outs))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    h = b.h + at.o_proj(two(torch.cat(outs)))[:T]
+    return h + layer.mlp(two(layer.post_attention_layernorm(h)))[:T]
+
+
+def _two(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with at least two rows (a lone row twice): a linear layer's bits for a row are then
+    the same in every step (module docstring)."""
+    return torch.cat([x, x]) if x.shape[0] == 1 else x
+
+
+@dataclass
+class _Call:
+    """One attention call of a row: its queries whose visible keys round up to ``keys``."""
+
+    keys: int
+    sel: torch.Tensor  # [n] the queries (indices into the row's tokens)
+    idx: torch.Tensor  # [B * QUERIES] sel, the last one repeated to fill the calls
+    mask: torch.Tensor  # [B, 1, QUERIES, keys] bool
+
+
+def _plan(mk: torch.Tensor | None, n: int, P: int, dev: torch.device
+          ) -> tuple[int, list[_Call]]:
+    """A row's attention calls (canonical shapes, module docstring): the longest key count and
+    the calls. ``mk``: the row's mask [n, P + n] (None: one token, which sees every key)."""
+    L = P + n
+    if mk is None:
+        mk = torch.ones(1, L, dtype=torch.bool, device=dev)
+    last = torch.where(mk, torch.arange(1, L + 1, device=dev), 0).amax(1)  # keys seen, and one
+    keys = (last + KEYS - 1) // KEYS * KEYS
+    top = int(keys.max())
+    full = F.pad(mk, (0, top - L))
+    calls = []
+    for c in sorted(set(keys.tolist())):
+        sel = (keys == c).nonzero()[:, 0]
+        B = -(-len(sel) // QUERIES)
+        idx = torch.cat([sel, sel[-1:].expand(B * QUERIES - len(sel))])
+        calls.append(_Call(c, sel, idx, full[idx, :c].reshape(B, 1, QUERIES, c)))
+    return top, calls
+
+
+def _attend(q: torch.Tensor, store: KVStore, li: int, slots: BlockTable, L: int,
+            plan: tuple[int, list[_Call]], scale: float, gqa: bool) -> torch.Tensor:
+    """A row's attention [n, heads, hd] in the calls of its plan: q [n, heads, hd] against the
+    row's first ``L`` slots of layer ``li``, zero beyond them up to the plan's longest."""
+    top, calls = plan
+    K = store.k[li].new_zeros(top, *store.k[li].shape[1:])  # [top, kvh, hd]: one layout always
+    V = torch.zeros_like(K)
+    at = store.rows(slots, torch.arange(L, device=store.device))
+    K[:L], V[:L] = store.k[li][at], store.v[li][at]
+    K, V = K.transpose(0, 1), V.transpose(0, 1)  # [kvh, top, hd]
+    out = torch.empty_like(q)
+    for c in calls:
+        B = c.mask.shape[0]
+        o = F.scaled_dot_product_attention(  # [B, heads, QUERIES, hd]
+            q[c.idx].view(B, QUERIES, *q.shape[1:]).transpose(1, 2),
+            K[None, :, :c.keys].expand(B, -1, -1, -1), V[None, :, :c.keys].expand(B, -1, -1, -1),
+            attn_mask=c.mask, enable_gqa=gqa, scale=scale)
+        out[c.sel] = o.transpose(1, 2).reshape(B * QUERIES, *q.shape[1:])[: len(c.sel)]
+    return out
 
 
 def _mask(r: Row, dev: torch.device) -> torch.Tensor | None:
