@@ -86,12 +86,15 @@ def second_turn(address: str, chars: int, mode: str, m: int) -> dict:
 
 
 def stack(svcs, cache: str, a) -> str:
-    """Draft (first core), target (last core) and coordinator; the coordinator's address."""
-    from pearl.bench_local import ALL_CPUS
+    """Draft (first core), target (last core), as the load bench starts them, and a coordinator;
+    the coordinator's address."""
+    from argparse import Namespace
 
-    common = ["--dtype", a.dtype, "--threads", "1", "--prefix-cache", cache]
-    svcs.start("draft", ["--model", a.draft_model, *common], cpus=str(ALL_CPUS[0]))
-    svcs.start("target", ["--model", a.target_model, *common], cpus=str(ALL_CPUS[-1]))
+    from pearl.bench_load import start_services
+
+    start_services(svcs, Namespace(device="cpu", dtype=a.dtype, draft_model=a.draft_model,
+                                   target_model=a.target_model,
+                                   serve_args=f"--prefix-cache {cache}"), [])
     draft, target = svcs.wait("draft"), svcs.wait("target")
     svcs.start("coordinator", ["--target", target, "--draft", draft])
     return svcs.wait("coordinator")
