@@ -12,6 +12,7 @@ from pathlib import Path
 from specdec.defaults import DEFAULT_DTYPE, DEFAULT_MODELS, DTYPES
 
 FIRST_TRAIN_PROMPT = 40  # bench and demo prompts come before this index
+SWEEP_KV_TOKENS = 16_384  # the sweep's engine: one session at a time
 
 
 def add_transfer(sub) -> None:
@@ -87,6 +88,7 @@ def sweep(a) -> None:
     plain greedy decoding on the same thread."""
     from pearl.demo import humaneval_prompt
     from pearl.report import table
+    from specdec.engine import Engine
     from specdec.models import load_model
     from target_service.hidden_transfer.layers import Transfer, find
     from target_service.hidden_transfer.session import HiddenTransferSession
@@ -96,6 +98,7 @@ def sweep(a) -> None:
     if None in files:
         sys.exit(f"pearl transfer sweep: no transfer layers for {a.model}")
     loaded = load_model(a.model, device=a.device, dtype=a.dtype, threads=a.threads or 1)
+    engine = Engine(loaded.model, SWEEP_KV_TOKENS, name="sweep")
     prompts = [loaded.tokenizer.encode(humaneval_prompt(i)) for i in range(a.prompts)]
     ar = ar_rate(loaded, prompts, a.max_new_tokens)
     print(f"ar (plain greedy decoding, KV cache, same thread): {ar:.2f} tok/s", flush=True)
@@ -105,7 +108,7 @@ def sweep(a) -> None:
         t.layers.to(loaded.device, loaded.dtype)
         for nodes in [int(x) for x in a.nodes.split(",")]:
             paths = tree_paths(t.rank_acceptance, nodes, t.layers.k) if nodes else []
-            warm = HiddenTransferSession(loaded.model, t.layers, paths, prompts[0], 1 << 20)
+            warm = HiddenTransferSession(engine, t.layers, paths, prompts[0], 1 << 20)
             warm.start()
             for _ in range(3):  # first-call costs of these shapes, not timed
                 warm.step()
@@ -113,13 +116,13 @@ def sweep(a) -> None:
             wall = fwd_ns = 0.0
             by_depth = [[0, 0] for _ in range(t.layers.k)]
             for ids in prompts:
-                s = HiddenTransferSession(loaded.model, t.layers, paths, ids, 1 << 20)
+                s = HiddenTransferSession(engine, t.layers, paths, ids, 1 << 20)
                 t0 = time.perf_counter()
                 s.start()
                 while len(s.ids) - len(ids) < a.max_new_tokens:
                     v = s.step()
                     n_fwd += 1
-                    fwd_ns += v.forward_ns
+                    fwd_ns += v.step.forward_ns
                     for d in range(v.verified):
                         by_depth[d][0] += v.accepted > d
                         by_depth[d][1] += 1
@@ -133,6 +136,7 @@ def sweep(a) -> None:
                 "ms_per_forward": round(fwd_ns / max(1, n_fwd) / 1e6, 1),
                 "acceptance_by_depth": [round(x / n, 3) if n else None for x, n in by_depth]})
             print(rows[-1], flush=True)
+    engine.close()
     cols = [(k, k, "{}") for k in rows[0]]
     print(table(rows, cols))
     if a.json:
@@ -141,10 +145,10 @@ def sweep(a) -> None:
 
 def ar_rate(loaded, prompts: list[list[int]], new_tokens: int) -> float:
     """Tokens/s of plain greedy decoding with a KV cache (after the first token, like sweep)."""
-    from specdec.kv import CachedSequence
+    from specdec.sequence import HFSequence
 
     def run(ids: list[int], n: int) -> tuple[int, float]:
-        seq = CachedSequence(loaded.model, ids)
+        seq = HFSequence(loaded.model, ids)
         seq.extend([int(seq.forward().logits[-1].argmax())])
         t0 = time.perf_counter()
         while len(seq) - len(ids) < n:

@@ -5,13 +5,13 @@ Run: PEARL_RANDOM_TOKENIZER=<a Qwen2.5 tokenizer folder> python scripts/gpu_forw
 import asyncio, time
 from concurrent.futures import ThreadPoolExecutor
 import torch
-from specdec.kv import CachedSequence
+from specdec.sequence import HFSequence
 from specdec.models import load_model
 
 m = load_model("random:qwen2.5-7b", "cuda", "bfloat16")
 
 def bench(n=40):
-    seq = CachedSequence(m.model, list(range(100, 200)))
+    seq = HFSequence(m.model, list(range(100, 200)))
     seq.forward()
     ts = []
     for _ in range(n):

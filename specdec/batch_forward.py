@@ -2,10 +2,10 @@
 
 For Llama-family decoders (Qwen2, Llama, Mistral: pre-norm layers of rotary attention and a
 gated MLP). The model's own modules do the per-token math (embeddings, norms, projections, MLP,
-rotary tables, LM head); only attention is done here, per row, against that row's pages of the
-engine's KV store (specdec/kv_store.py). So a row's result does not depend on its batch-mates:
-the linear layers see a row's tokens as independent rows of one matrix, and its attention reads
-only its own prefix.
+rotary tables, LM head); only attention is done here, per feed, against that feed's pages of
+the engine's KV store (specdec/kv_store.py). So a feed's result does not depend on its
+batch-mates: the linear layers see its tokens as independent rows of one matrix, and its
+attention reads only its own prefix.
 
 Same bits, whatever the shape (on the CPU). A token's numbers must not depend on how many tokens
 share its step, or a seeded draw near a boundary flips between runs of one request: pearl's
@@ -18,13 +18,15 @@ CPU a linear layer never sees a lone row (``_two``), and a query attends in a ca
 shapes that are a function of the query alone (``_plan``, ``_attend``).
 
 Words:
-  row     one session's tokens fed in this step; they continue its cached prefix of P slots
+  feed    one session's tokens fed in this step; they continue its cached prefix of P slots
   slot    where a fed token's K/V goes in the session's store: P, P+1, ... in feed order
-  rope    a token's position for the rotary embedding: its slot, except in tree rows
+  rope    a token's position for the rotary embedding: its slot, except in tree feeds
   mask    which new tokens a new token sees (all P cached ones always): causal, or a tree
-  pseudo  Hidden Transfer (target_service/hidden_transfer/): from layer L on, a tree row also
+  pseudo  Hidden Transfer (target_service/hidden_transfer/): from layer L on, a tree feed also
           carries k made-up tokens under some of its nodes, made by the transfer maps from the
-          node's layer-L input; they get slots after the row's real tokens, in layers >= L only
+          node's layer-L input; they get slots after the feed's real tokens, in layers >= L only
+  row     a row of a tensor only: a token's hidden state in the [tokens, hidden] matrix, a
+          slot's place in each layer's K and V (``KVStore.rows``)
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def store_for(model: torch.nn.Module, tokens: int, prefix_cache: bool = True) ->
 
 @dataclass
 class Pseudo:
-    """Hidden Transfer's extra tokens for a tree row (see the module docstring)."""
+    """Hidden Transfer's extra tokens for a tree feed (see the module docstring)."""
 
     transfer: torch.nn.Module  # TransferLayers: h [g, hidden] -> [g, k_all, hidden]
     under: list[int]  # node indices that get pseudo tokens
@@ -76,14 +78,16 @@ class Pseudo:
 
 
 @dataclass
-class Row:
+class Feed:
+    """One session's tokens in a step (see the module docstring); ``forward`` fills ``out``."""
+
     slots: BlockTable
     tokens: list[int]
     keep: list[int]  # indices (into tokens, then pseudo tokens) whose logits are wanted
     rope: list[int] | None = None  # None: slots P, P+1, ...
     mask: torch.Tensor | None = None  # [n, P + n] bool; None: causal
     pseudo: Pseudo | None = None
-    abort: threading.Event | None = None  # set: the row leaves the pass at the next layer
+    abort: threading.Event | None = None  # set: the feed leaves the pass at the next layer
     out: torch.Tensor | None = field(default=None, repr=False)  # [len(keep), vocab] float32
     aborted: bool = False
 
@@ -99,45 +103,45 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class _Batch:
-    """The live rows' hidden states as one [T, hidden] matrix, with each row's span in it."""
+class _Hidden:
+    """The live feeds' hidden states as one [T, hidden] matrix, with each feed's span in it."""
 
-    def __init__(self, rows: list[Row], h: torch.Tensor, pos: torch.Tensor):
-        self.rows, self.h, self.pos = rows, h, pos
+    def __init__(self, feeds: list[Feed], h: torch.Tensor, pos: torch.Tensor):
+        self.feeds, self.h, self.pos = feeds, h, pos
         self.spans: list[tuple[int, int]] = []
         a = 0
-        for r in rows:
+        for r in feeds:
             n = self.width(r)
             self.spans.append((a, a + n))
             a += n
 
     @staticmethod
-    def width(r: Row) -> int:
+    def width(r: Feed) -> int:
         return len(r.tokens) + (len(r.pseudo.under) * r.pseudo.k if getattr(r, "_grown", False)
                                 else 0)
 
-    def select(self, keep: list[int]) -> _Batch:
+    def select(self, keep: list[int]) -> _Hidden:
         idx = torch.cat([torch.arange(*self.spans[i], device=self.h.device) for i in keep])
-        return _Batch([self.rows[i] for i in keep], self.h[idx], self.pos[idx])
+        return _Hidden([self.feeds[i] for i in keep], self.h[idx], self.pos[idx])
 
 
 @torch.inference_mode()
-def forward(model: torch.nn.Module, store: KVStore, rows: list[Row]) -> None:
-    """Run ``rows`` through the model; fill each row's ``out`` (or set ``aborted``).
+def forward(model: torch.nn.Module, store: KVStore, feeds: list[Feed]) -> None:
+    """Run ``feeds`` through the model; fill each feed's ``out`` (or set ``aborted``).
 
-    Each row's K/V are written to its slots P.. (its ``slots.cached`` stays as it was: the caller
+    Each feed's K/V are written to its slots P.. (its ``slots.cached`` stays as it was: the caller
     commits the length); the caller has reserved those slots (``Engine._step``, which refuses a
-    work the store cannot hold). Rows whose abort event is set leave at the next decoder layer.
+    work the store cannot hold). Feeds whose abort event is set leave at the next decoder layer.
     """
     m, dev = model.model, store.device
-    for r in rows:
+    for r in feeds:
         r._grown = False
-    ids = torch.tensor([t for r in rows for t in r.tokens], device=dev)
-    pos = torch.tensor([p for r in rows for p in r.positions()], device=dev)
-    b = _Batch(rows, m.embed_tokens(ids), pos)
-    pseudo_layer = next((r.pseudo.transfer.layer for r in rows if r.pseudo), None)
-    mask_of = {id(r): _mask(r, dev) for r in rows}
-    plans = {} if dev.type == "cpu" else None  # id(row) -> (its mask, _plan of it)
+    ids = torch.tensor([t for r in feeds for t in r.tokens], device=dev)
+    pos = torch.tensor([p for r in feeds for p in r.positions()], device=dev)
+    b = _Hidden(feeds, m.embed_tokens(ids), pos)
+    pseudo_layer = next((r.pseudo.transfer.layer for r in feeds if r.pseudo), None)
+    mask_of = {id(r): _mask(r, dev) for r in feeds}
+    plans = {} if dev.type == "cpu" else None  # id(feed) -> (its mask, _plan of it)
     for li, layer in enumerate(m.layers):
         b = _without_aborted(b)
         if b is None:
@@ -146,32 +150,32 @@ def forward(model: torch.nn.Module, store: KVStore, rows: list[Row]) -> None:
             b = _grow(b, mask_of)
         b.h = _layer(model, li, b, store, mask_of, plans)
     h = m.norm(b.h)
-    idx = torch.tensor([a + i for r, (a, _) in zip(b.rows, b.spans) for i in r.keep],
+    idx = torch.tensor([a + i for r, (a, _) in zip(b.feeds, b.spans) for i in r.keep],
                        dtype=torch.long, device=dev)
     x = h[idx] if plans is None else _two(h[idx])
-    logits = model.lm_head(x)[: len(idx)].float()  # one pass over the LM head for every row
+    logits = model.lm_head(x)[: len(idx)].float()  # one pass over the LM head for every feed
     n = 0
-    for r in b.rows:
+    for r in b.feeds:
         r.out = logits[n : n + len(r.keep)]
         n += len(r.keep)
 
 
-def _without_aborted(b: _Batch) -> _Batch | None:
-    """The batch less the rows whose abort is set (marked ``aborted``); None when none is left."""
-    gone = [i for i, r in enumerate(b.rows) if r.abort is not None and r.abort.is_set()]
+def _without_aborted(b: _Hidden) -> _Hidden | None:
+    """``b`` less the feeds whose abort is set (marked ``aborted``); None when none is left."""
+    gone = [i for i, r in enumerate(b.feeds) if r.abort is not None and r.abort.is_set()]
     if not gone:
         return b
     for i in gone:
-        b.rows[i].aborted = True
-    if len(gone) == len(b.rows):
+        b.feeds[i].aborted = True
+    if len(gone) == len(b.feeds):
         return None
-    return b.select([i for i in range(len(b.rows)) if i not in gone])
+    return b.select([i for i in range(len(b.feeds)) if i not in gone])
 
 
-def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict,
+def _layer(model, li: int, b: _Hidden, store: KVStore, mask_of: dict,
            plans: dict | None) -> torch.Tensor:
     """Decoder layer ``li`` over the batch: the new hidden states [T, hidden]. ``plans`` (on
-    the CPU): each row's attention calls (``_plan``), kept across layers."""
+    the CPU): each feed's attention calls (``_plan``), kept across layers."""
     cfg, layer = model.config, model.model.layers[li]
     heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = head_dim(cfg)
@@ -183,7 +187,7 @@ def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict,
     k = rope(at.k_proj(x)[:T].view(T, kvh, hd), cos, sin)
     v = at.v_proj(x)[:T].view(T, kvh, hd)
     outs = []
-    for r, (a, e) in zip(b.rows, b.spans):  # attention per row, against its own pages only
+    for r, (a, e) in zip(b.feeds, b.spans):  # attention per feed, against its own pages only
         P = r.slots.cached
         store.write(li, r.slots, P, k[a:e], v[a:e])
         mk = mask_of[id(r)]
@@ -204,25 +208,25 @@ def _layer(model, li: int, b: _Batch, store: KVStore, mask_of: dict,
 
 
 def _two(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with at least two rows (a lone row twice): a linear layer's bits for a row are then
-    the same in every step (module docstring)."""
+    """``x`` with at least two rows (a lone row twice): a linear layer's bits for a token are
+    then the same in every step (module docstring)."""
     return torch.cat([x, x]) if x.shape[0] == 1 else x
 
 
 @dataclass
 class _Call:
-    """One attention call of a row: its queries whose visible keys round up to ``keys``."""
+    """One attention call of a feed: its queries whose visible keys round up to ``keys``."""
 
     keys: int
-    sel: torch.Tensor  # [n] the queries (indices into the row's tokens)
+    sel: torch.Tensor  # [n] the queries (indices into the feed's tokens)
     idx: torch.Tensor  # [B * QUERIES] sel, the last one repeated to fill the calls
     mask: torch.Tensor  # [B, 1, QUERIES, keys] bool
 
 
 def _plan(mk: torch.Tensor | None, n: int, P: int, dev: torch.device
           ) -> tuple[int, list[_Call]]:
-    """A row's attention calls (canonical shapes, module docstring): the longest key count and
-    the calls. ``mk``: the row's mask [n, P + n] (None: one token, which sees every key)."""
+    """A feed's attention calls (canonical shapes, module docstring): the longest key count and
+    the calls. ``mk``: the feed's mask [n, P + n] (None: one token, which sees every key)."""
     L = P + n
     if mk is None:
         mk = torch.ones(1, L, dtype=torch.bool, device=dev)
@@ -241,8 +245,8 @@ def _plan(mk: torch.Tensor | None, n: int, P: int, dev: torch.device
 
 def _attend(q: torch.Tensor, store: KVStore, li: int, slots: BlockTable, L: int,
             plan: tuple[int, list[_Call]], scale: float, gqa: bool) -> torch.Tensor:
-    """A row's attention [n, heads, hd] in the calls of its plan: q [n, heads, hd] against the
-    row's first ``L`` slots of layer ``li``, zero beyond them up to the plan's longest."""
+    """A feed's attention [n, heads, hd] in the calls of its plan: q [n, heads, hd] against the
+    feed's first ``L`` slots of layer ``li``, zero beyond them up to the plan's longest."""
     top, calls = plan
     K = store.k[li].new_zeros(top, *store.k[li].shape[1:])  # [top, kvh, hd]: one layout always
     V = torch.zeros_like(K)
@@ -260,8 +264,8 @@ def _attend(q: torch.Tensor, store: KVStore, li: int, slots: BlockTable, L: int,
     return out
 
 
-def _mask(r: Row, dev: torch.device) -> torch.Tensor | None:
-    """[n, P + n] bool for a row's real tokens, or None when plain causal needs none."""
+def _mask(r: Feed, dev: torch.device) -> torch.Tensor | None:
+    """[n, P + n] bool for a feed's real tokens, or None when plain causal needs none."""
     n, P = len(r.tokens), r.slots.cached
     if r.mask is not None:
         return r.mask.to(dev)
@@ -271,10 +275,10 @@ def _mask(r: Row, dev: torch.device) -> torch.Tensor | None:
     return torch.cat([torch.ones(n, P, dtype=torch.bool, device=dev), causal], dim=1)
 
 
-def _grow(b: _Batch, mask_of: dict) -> _Batch:
-    """At layer L: append every tree row's pseudo tokens after its real tokens."""
+def _grow(b: _Hidden, mask_of: dict) -> _Hidden:
+    """At layer L: append every tree feed's pseudo tokens after its real tokens."""
     hs, ps = [], []
-    for r, (a, e) in zip(b.rows, b.spans):
+    for r, (a, e) in zip(b.feeds, b.spans):
         hs.append(b.h[a:e])
         ps.append(b.pos[a:e])
         if r.pseudo is None:
@@ -286,4 +290,4 @@ def _grow(b: _Batch, mask_of: dict) -> _Batch:
         ps.append((b.pos[a:e][under][:, None] + offsets).reshape(-1))
         r._grown = True
         mask_of[id(r)] = pz.high.to(b.h.device)
-    return _Batch(b.rows, torch.cat(hs), torch.cat(ps))
+    return _Hidden(b.feeds, torch.cat(hs), torch.cat(ps))

@@ -7,7 +7,7 @@ A session's token at slot s lives in page ``pages[s // page_size]`` at offset ``
 row ``page * page_size + offset`` of each layer's K and V. One tensor per layer (not one for
 all) so that a compiled step can write a layer's cache in place as a whole graph input
 (specdec/static_step.py). The last page is never handed out: compiled steps write their padding
-there and read it for padded rows.
+there and read it for padded feeds.
 Rolling back is a length change (``BlockTable.cached``); no per-step concatenation or copy of
 the cache. When the store has no page left, ``reserve`` raises ``StoreFull`` for that session
 only: its neighbours' pages are never touched.

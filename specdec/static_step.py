@@ -1,29 +1,29 @@
 """Compiled steps (``--compile``): a whole decode or verify step as one compiled graph.
 
-The eager step (specdec/batch_forward.py) attends row by row in Python: rows x layers small
+The eager step (specdec/batch_forward.py) attends feed by feed in Python: feeds x layers small
 kernel launches, which bound a GPU step long before the weights' memory traffic does
-(docs/benchmarks-gpu.md). Here every row of a step is padded to one rectangle and the whole pass
+(docs/benchmarks-gpu.md). Here every feed of a step is padded to one rectangle and the whole pass
 (embedding, every layer, attention over the paged store, LM head) is one ``torch.compile``d
 function of a few index tensors, so a GPU replays it as one CUDA graph:
 
-    ids, pos, at   [B, N]     the rows' new tokens, rotary positions, store rows to write
-    ctx            [B, C]     store rows of slots 0..C-1 of each row (the trash page past its pages)
+    ids, pos, at   [B, N]     the feeds' new tokens, rotary positions, store rows to write
+    ctx            [B, C]     store rows of each feed's slots 0..C-1 (the trash page past its pages)
     limit          [B, N]     a token sees slots 0..limit (its cached prefix, then causal)
-    keep           [B, K]     which of a row's N tokens want logits
+    keep           [B, K]     which of a feed's N tokens want logits
     -> logits      [B * K, vocab] float32
 
-Padding (rows past the live ones, tokens past a row's own, slots past its pages) reads and writes
+Padding (feeds past the live ones, tokens past a feed's own, slots past its pages) reads and writes
 only the store's trash page (specdec/kv_store.py), so it cannot touch a live session's cache.
 
 Compiled with dynamic shapes, so that one compile serves a family of shapes (dynamo specializes
-sizes of 1: on the CPU, where nothing is padded, a one-row or one-token step is a family of its
+sizes of 1: on the CPU, where nothing is padded, a one-feed or one-token step is a family of its
 own, six in all). On CUDA, ``mode="reduce-overhead"`` records a CUDA graph per concrete shape, so
 B, N, K and C are rounded up to buckets (all >= 2: one compile) and a few dozen graphs are
 recorded. The README has the measured difference to the eager step on the CPU.
 
-Only plain rows take this path: causal, no tree mask, no pseudo tokens, at most ``MAX_WIDTH``
+Only plain feeds take this path: causal, no tree mask, no pseudo tokens, at most ``MAX_WIDTH``
 tokens (decode steps, draft steps, verify windows). Prefill chunks and Hidden Transfer's trees
-run eagerly. A row whose abort is set while the graph runs is dropped after it (the eager path
+run eagerly. A feed whose abort is set while the graph runs is dropped after it (the eager path
 drops it between layers); its store writes lie past its cached length and are never read.
 """
 
@@ -35,13 +35,13 @@ import torch
 import torch.fx.experimental._config
 import torch.nn.functional as F
 
-from specdec.batch_forward import Row, head_dim, rope
+from specdec.batch_forward import Feed, head_dim, rope
 from specdec.kv_store import KVStore
 
-MAX_WIDTH = 16  # tokens per row: longer rows (prefill chunks) run eagerly
+MAX_WIDTH = 16  # tokens per feed: longer feeds (prefill chunks) run eagerly
 # CUDA buckets start at 2: dynamo compiles a size of 1 as a shape family of its own, so with
-# every size >= 2 one compile serves every step (a padded row or token is nearly free on a GPU)
-ROW_BUCKETS = (2, 4, 8, 16, 32, 64, 128)
+# every size >= 2 one compile serves every step (a padded feed or token is nearly free on a GPU)
+FEED_BUCKETS = (2, 4, 8, 16, 32, 64, 128)
 WIDTH_BUCKETS = (2, 4, 8, 16)
 RECOMPILE_LIMIT = 64  # shape families compiled per process (all engines), before giving up
 
@@ -56,7 +56,7 @@ def _compile_settings() -> None:
         return
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                RECOMPILE_LIMIT)
-    # sizes that happen to be equal at the first call (2 rows of 2 tokens) stay separate sizes,
+    # sizes that happen to be equal at the first call (2 feeds of 2 tokens) stay separate sizes,
     # or the next step of another shape would compile again
     torch.fx.experimental._config.use_duck_shape = False
     _thread.set = True
@@ -95,32 +95,32 @@ class StaticStep:
         self._run = torch.compile(self._graph, fullgraph=True,
                                   mode="reduce-overhead" if self.cuda else None)
 
-    def fits(self, rows: list[Row]) -> bool:
-        """True when every row is a plain causal row short enough for the compiled step."""
+    def fits(self, feeds: list[Feed]) -> bool:
+        """True when every feed is a plain causal one short enough for the compiled step."""
         return self.broken is None and all(
             r.mask is None and r.pseudo is None and r.rope is None
-            and 0 < len(r.tokens) <= MAX_WIDTH for r in rows)
+            and 0 < len(r.tokens) <= MAX_WIDTH for r in feeds)
 
     @torch.inference_mode()
-    def forward(self, rows: list[Row]) -> None:
-        """Fill each row's ``out`` (or mark it ``aborted``), as batch_forward.forward does."""
+    def forward(self, feeds: list[Feed]) -> None:
+        """Fill each feed's ``out`` (or mark it ``aborted``), as batch_forward.forward does."""
         _compile_settings()
         store, ps, dev = self.store, self.store.page_size, self.store.device
-        B, N = len(rows), max(len(r.tokens) for r in rows)
-        K = max(max(len(r.keep) for r in rows), 1)
-        C = max(r.slots.cached + len(r.tokens) for r in rows)
+        B, N = len(feeds), max(len(r.tokens) for r in feeds)
+        K = max(max(len(r.keep) for r in feeds), 1)
+        C = max(r.slots.cached + len(r.tokens) for r in feeds)
         if self.buckets:  # few shapes, each recorded once as a CUDA graph
-            B, N, K = _bucket(B, ROW_BUCKETS), _bucket(N, WIDTH_BUCKETS), _bucket(K, WIDTH_BUCKETS)
+            B, N, K = _bucket(B, FEED_BUCKETS), _bucket(N, WIDTH_BUCKETS), _bucket(K, WIDTH_BUCKETS)
             C = max(64, 1 << (C - 1).bit_length())
         pages = -(-C // ps)
         trash_row = store.trash * ps
         ids = [[0] * N for _ in range(B)]
         pos = [[0] * N for _ in range(B)]
         at = [[trash_row] * N for _ in range(B)]
-        limit = [list(range(N)) for _ in range(B)]  # padded rows see trash slots 0..j
+        limit = [list(range(N)) for _ in range(B)]  # padded feeds see trash slots 0..j
         keep = [[0] * K for _ in range(B)]
         table = [[store.trash] * pages for _ in range(B)]
-        for b, r in enumerate(rows):
+        for b, r in enumerate(feeds):
             P, n = r.slots.cached, len(r.tokens)
             own = r.slots.pages[:pages]
             table[b][: len(own)] = own
@@ -143,7 +143,7 @@ class StaticStep:
         logits = self._run(*args, store.k, store.v)
         logits = logits.view(B, K, -1)
         self.steps += 1
-        for b, r in enumerate(rows):
+        for b, r in enumerate(feeds):
             if r.abort is not None and r.abort.is_set():
                 r.aborted = True
             else:  # a copy: a CUDA graph's output buffer is overwritten by its next replay
@@ -152,7 +152,7 @@ class StaticStep:
     def _graph(self, ids, pos, at, ctx, limit, keep, ks, vs):
         """The whole step; shapes in the module docstring. The per-token math runs on the flat
         [T = B * N, ...] rows (as in the eager step), so that no view keeps B or N beside a
-        model constant: the compiler would guard a step size equal to that constant (two rows
+        model constant: the compiler would guard a step size equal to that constant (two feeds
         and two K/V heads) and compile again for the next size."""
         m, heads, kvh, hd = self.model.model, self.heads, self.kvh, self.hd
         B, N = ids.shape

@@ -274,10 +274,10 @@ class Telemetry:
     def enabled(self) -> bool:
         return self.tracing or self.metrics is not None
 
-    def engine_step(self, rows: int, tokens: int, step_ns: int) -> None:
+    def engine_step(self, sessions: int, tokens: int, step_ns: int) -> None:
         """One step of this service's engine (installed as ``Engine.on_step``)."""
         if self.metrics is not None:
-            self.metrics.batch_rows.record(rows)
+            self.metrics.batch_rows.record(sessions)
             self.metrics.batch_tokens.record(tokens)
             self.metrics.step_latency.record(step_ns / 1e9)
 

@@ -67,7 +67,7 @@ def test_sessions_taking_turns_share_steps_with_the_wait(slow_model):
         engine = Engine(slow_model, 1024, max_batch_wait_ms=wait_ms)
         try:
             logits = take_turns(engine, prompts, [ROUNDS, ROUNDS])
-            runs[wait_ms] = (engine.rows_seen.copy(), engine.waits, logits)
+            runs[wait_ms] = (engine.steps_by_sessions.copy(), engine.waits, logits)
         finally:
             engine.close()
     (off, off_waits, off_logits), (on, on_waits, on_logits) = runs[0.0], runs[500.0]
@@ -98,7 +98,7 @@ def test_a_session_that_stops_coming_back_is_waited_for_once(slow_model):
     engine = Engine(slow_model, 1024, max_batch_wait_ms=500.0)
     try:
         take_turns(engine, [[5, 9, 11, 3], [7, 2, 8]], [9, 3])
-        assert engine.rows_seen[2] >= 2, dict(engine.rows_seen)  # they did share steps
+        assert engine.steps_by_sessions[2] >= 2, dict(engine.steps_by_sessions)  # they did share steps
         budget_s = 0.25 * STEP_S * 2  # a quarter of the step, with room for a slow machine
         # waits for B while it still came back take ~GAP_S; the one for a silent B is timed out
         # (waiting at each of A's 6 steps alone would take 6 budgets)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specdec.acceptance import accept_greedy
-from specdec.kv import CachedSequence
+from specdec.sequence import HFSequence
 from specdec.models import tiny_model
 from specdec.stats import Recorder, intersection, measure, union
 
@@ -24,7 +24,7 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
 def test_rollback_matches_recompute(model):
     rng = random.Random(0)
     ids = [rng.randrange(512) for _ in range(20)]
-    seq = CachedSequence(model, ids[:12])
+    seq = HFSequence(model, ids[:12])
     seq.forward()
     for _ in range(6):  # grow, roll back, grow differently
         seq.extend([rng.randrange(512) for _ in range(rng.randint(1, 5))])
@@ -39,7 +39,7 @@ def test_rollback_matches_recompute(model):
 
 
 def test_truncate_bounds(model):
-    seq = CachedSequence(model, [1, 2, 3])
+    seq = HFSequence(model, [1, 2, 3])
     with pytest.raises(ValueError):
         seq.truncate(4)
     seq.forward()
@@ -91,13 +91,13 @@ def test_abort_leaves_the_sequence_as_it_was():
     layers that ran appended: the next forward equals recomputation."""
     import threading
 
-    from specdec.kv import Aborted, make_abortable
+    from specdec.sequence import Aborted, make_abortable
 
     model = tiny_model(4, num_layers=4)
     make_abortable(model)
     abort = threading.Event()
     trip = model.model.layers[1].register_forward_hook(lambda *a: abort.set())  # after layer 1
-    seq = CachedSequence(model, [5, 6, 7, 8])
+    seq = HFSequence(model, [5, 6, 7, 8])
     seq.forward()
     seq.extend([9, 10])
     with pytest.raises(Aborted):

@@ -22,8 +22,8 @@ from pearl.client import Client
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
 from specdec.engine import Engine, EngineConfig
-from specdec.kv import CachedSequence
 from specdec.kv_store import StoreFull
+from specdec.sequence import HFSequence
 from target_service.hidden_transfer.layers import Transfer, TransferLayers
 
 rng = random.Random(7)
@@ -61,7 +61,7 @@ def test_tokens_do_not_depend_on_batch_mates(ht_cluster, tiny_target):
         for i, (mode, _, sampling) in enumerate(MIX):  # greedy alone is the target's own
             if sampling is None:
                 assert alone[i] == greedy_reference(tiny_target, PROMPTS[i], N), mode
-        before = target_engine.rows_seen.copy()
+        before = target_engine.steps_by_sessions.copy()
         for together in (2, 5, 8):
             with ThreadPoolExecutor(together) as pool:
                 got = list(pool.map(lambda i: run(c, i), range(together)))
@@ -69,9 +69,9 @@ def test_tokens_do_not_depend_on_batch_mates(ht_cluster, tiny_target):
                 assert ids == alone[i], f"request {i} ({MIX[i]}) changed among {together}"
                 if MIX[i][0] in ("sd", "pearl"):
                     assert stats["draft_tokens"] > 0 and not stats["fell_back"]
-    batched = target_engine.rows_seen - before
+    batched = target_engine.steps_by_sessions - before
     assert max(batched) >= 3, f"the target never batched several sessions: {batched}"
-    assert ht_cluster.draft.engine.rows_seen.keys() - {1}, "the draft never batched"
+    assert ht_cluster.draft.engine.steps_by_sessions.keys() - {1}, "the draft never batched"
 
 
 def test_seeded_sampling_repeats_alone_and_batched(ht_cluster):
@@ -102,10 +102,10 @@ def test_chunked_prefill_equals_one_pass(tiny_target):
             decode.extend([k + 1])
             results[k] = decode.forward()
         t.join()
-        ref = CachedSequence(model, long).forward(keep=3).logits
+        ref = HFSequence(model, long).forward(keep=3).logits
         torch.testing.assert_close(results["long"].logits, ref, atol=1e-5, rtol=1e-5)
         assert engine.steps - steps0 >= len(long) // 8, "the prompt was not chunked"
-        dref = CachedSequence(model, decode.ids).forward().logits  # the decode session's last
+        dref = HFSequence(model, decode.ids).forward().logits  # the decode session's last
         torch.testing.assert_close(results[3].logits, dref, atol=1e-5, rtol=1e-5)
     finally:
         engine.close()

@@ -12,12 +12,21 @@ from conftest import ht_prompts as random_prompts
 from pearl.client import Client
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
+from specdec.engine import Engine
 from specdec.sampling import Sampling
 from pearl.transfer_train import RANKS, TreeKV, logits, tree_forward
 from target_service.hidden_transfer.layers import Transfer, TransferLayers
 from target_service.hidden_transfer.session import HiddenTransferSession
 from target_service.hidden_transfer.tree import chain_paths, tree_paths
 from target_service.verifier import TargetSession
+
+
+@pytest.fixture(scope="module")
+def engine(ht_target):
+    """The engine of the sessions built here on ``ht_target`` (the services build their own)."""
+    e = Engine(ht_target.model, 16_384, name="ht-target")
+    yield e
+    e.close()
 
 
 def prefilled(model, transfer, prompt: list[int]) -> TreeKV:
@@ -59,11 +68,11 @@ def test_tree_logits_equal_each_branch_run_as_a_sequence(ht_target, ht_trained):
 
 
 @torch.inference_mode()
-def test_kv_compaction_equals_recomputing(ht_target, ht_trained):
+def test_kv_compaction_equals_recomputing(ht_target, ht_trained, engine):
     model, tr = ht_target.model, ht_trained.layers
     prompt = random_prompts(1, 7, 2)[0]
     paths = tree_paths(ht_trained.rank_acceptance, 10, K)
-    s = HiddenTransferSession(model, tr, paths, prompt, 1024)
+    s = HiddenTransferSession(engine, tr, paths, prompt, 1024)
     s.start()
     accepted = 0
     for _ in range(12):
@@ -78,7 +87,7 @@ def test_kv_compaction_equals_recomputing(ht_target, ht_trained):
         torch.testing.assert_close(k, fresh.k[layer][0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(v, fresh.v[layer][0], atol=1e-5, rtol=1e-4)
     # the next step from the compacted store decides as a session started on the same ids
-    again = HiddenTransferSession(model, tr, paths, s.ids, 1024)
+    again = HiddenTransferSession(engine, tr, paths, s.ids, 1024)
     first = again.start().token_id
     v = s.step()
     assert (v.accepted_ids + [v.token_id])[0] == first
@@ -86,8 +95,8 @@ def test_kv_compaction_equals_recomputing(ht_target, ht_trained):
     again.close()
 
 
-def run_session(model, tr, paths, prompt, n, sampling=Sampling()) -> tuple[list[int], int, int]:
-    s = HiddenTransferSession(model, tr, paths, prompt, 1024, sampling)
+def run_session(engine, tr, paths, prompt, n, sampling=Sampling()) -> tuple[list[int], int, int]:
+    s = HiddenTransferSession(engine, tr, paths, prompt, 1024, sampling)
     out = [s.start().token_id]
     forwards = 1
     while len(out) < n:
@@ -98,29 +107,27 @@ def run_session(model, tr, paths, prompt, n, sampling=Sampling()) -> tuple[list[
 
 
 @pytest.mark.parametrize("shape", ["chain", "trained", "wide"])
-def test_greedy_output_equals_generate(ht_target, ht_trained, shape):
-    model = ht_target.model
+def test_greedy_output_equals_generate(ht_target, ht_trained, engine, shape):
     paths = {"chain": chain_paths(K), "trained": tree_paths(ht_trained.rank_acceptance, 10, K),
              "wide": [(r,) for r in range(8)] + [(r, s) for r in range(3) for s in range(3)]
              }[shape]
     saved = 0
     for prompt in random_prompts(4, 6, 9):
         for n in (1, 7, 30):
-            out, forwards, _ = run_session(model, ht_trained.layers, paths, prompt, n)
+            out, forwards, _ = run_session(engine, ht_trained.layers, paths, prompt, n)
             assert out == greedy_reference(ht_target, prompt, n), (shape, prompt, n)
             saved += n - forwards
     assert saved > 0, "the trained drafts never saved a forward pass"
 
 
-def test_seeded_sampling_equals_the_target_alone(ht_target, ht_trained):
+def test_seeded_sampling_equals_the_target_alone(ht_trained, engine):
     """Each position is drawn from the target's own distribution with the draw ar uses."""
-    model = ht_target.model
     paths = tree_paths(ht_trained.rank_acceptance, 10, K)
     for seed in (1, 2, 3):
         sampling = Sampling(temperature=0.8, top_k=20, seed=seed)
         prompt = random_prompts(1, 6, seed)[0]
-        out, _, _ = run_session(model, ht_trained.layers, paths, prompt, 24, sampling)
-        ar = TargetSession(model, prompt, 1024, sampling)
+        out, _, _ = run_session(engine, ht_trained.layers, paths, prompt, 24, sampling)
+        ar = TargetSession(engine, prompt, 1024, sampling)
         ref = [ar.start(True).token_id]
         while len(ref) < 24:
             ref.append(ar.verify(len(ar.seq), [], [], True, False).token_id)
