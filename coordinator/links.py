@@ -13,17 +13,18 @@ reconnect by themselves with a short capped backoff (``BACKEND_OPTIONS``).
 
 import asyncio
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import grpc
 
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
-from specdec.logprobs import TokenLogprob
+from specdec.answers import Proposal, Verdict
+from specdec.limits import ACCEPTED_KEY
 from specdec.serving import CHANNEL_OPTIONS
 from specdec.telemetry import inject_context
-from specdec.wire import logprob_from_pb
+from specdec.wire import proposal_from_pb, verdict_from_pb
 
 BACKEND_OPTIONS = [
     *CHANNEL_OPTIONS,
@@ -33,70 +34,12 @@ BACKEND_OPTIONS = [
 ]
 
 
-def draft_down(channel: grpc.aio.Channel | None) -> str | None:
-    """Why a new request should not wait for the draft, or None when it may use it."""
-    if channel is None:
-        return None
-    state = channel.get_state(try_to_connect=True)
-    if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-        return "draft service unreachable at the start of the request (reconnecting)"
-    return None
-
-
-@dataclass
-class Proposal:
-    """A token the draft drafted."""
-
-    window_id: int
-    position: int
-    token_id: int
-    q: Any = None  # the distribution it was drawn from (pb.TokenDistribution; sampling only)
-    forward_ns: int = 0
-    input_tokens: int = 1  # tokens fed in its forward pass (more after a rollback)
-    queue_ns: int = 0  # time its step waited in the draft's engine queue
-    cached_tokens: int = 0  # a session's first proposal: prompt tokens its prefix cache held
-
-
-@dataclass
-class Verdict:
-    """The target's answer to a start or a window at ``position``: the first ``accepted`` of the
-    ``verified`` draft tokens stand, then ``token`` (None: the target holds the distribution of
-    the next position instead of choosing a token)."""
-
-    position: int
-    verified: int
-    accepted: int
-    token: int | None
-    committed: int  # committed length after it
-    window_id: int = 0
-    phase: str = ""  # the phase of the request, echoed ("start" for the prefill)
-    forward_ns: int = 0
-    input_tokens: int = 0  # 0: no forward pass ran (a held verdict)
-    accepted_ids: list[int] = field(default_factory=list)  # hidden transfer: its own drafts kept
-    queue_ns: int = 0  # time the forward pass waited in the target's engine queue
-    batch_rows: int = 0  # sessions in that engine step (0: no forward pass ran)
-    batch_tokens: int = 0  # tokens fed in that step, all sessions together
-    # when asked for: one per token it commits (accepted drafts or accepted_ids, then token)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    cached_tokens: int = 0  # a start: prompt tokens the target's prefix cache held
-
-
-def proposal_from_pb(p: pb.DraftProposal) -> Proposal:
-    return Proposal(p.window_id, p.position, p.token_id, p.q if p.HasField("q") else None,
-                    p.forward_ns, p.input_tokens, p.queue_ns, p.cached_tokens)
-
-
-def verdict_from_pb(r: pb.VerifyResult) -> Verdict:
-    return Verdict(r.position, r.verified, r.accepted, r.token_id if r.has_token else None,
-                   r.committed, r.window_id, r.phase, r.forward_ns, r.input_tokens,
-                   list(r.accepted_ids), r.queue_ns, r.batch_rows, r.batch_tokens,
-                   [logprob_from_pb(t) for t in r.logprobs], r.cached_tokens)
-
-
 @dataclass
 class Event:
-    source: str  # "draft" or "target"
-    msg: Proposal | Verdict | None  # None when the stream ended
+    """An answer of one service, stamped with its arrival."""
+
+    source: Literal["draft", "target"]
+    msg: Proposal[pb.TokenDistribution] | Verdict | None  # None when the stream ended
     arrived_ns: int
     error: grpc.RpcError | None = None
 
@@ -105,12 +48,12 @@ class _Outbox:
     """A call whose writes are queued and sent in order by one task: ``write`` never blocks nor
     raises, and no two writes are ever in flight on the call. gRPC takes one write at a time: a
     second one fails the call locally with INTERNAL, after which its cancel never reaches the
-    service, which keeps the session open until its idle expiry (issue 14, fault 2).
+    service, which keeps the session open until its idle expiry.
 
     Nothing is written until the service accepted the session: its guard sends the headers at
     once (specdec/limits.py). A write racing a refusal would likewise turn the service's own
-    status (RESOURCE_EXHAUSTED at its session limit) into INTERNAL (issue 14, fault 7). Once a
-    write fails the rest are dropped; the reader reports the failure."""
+    status (RESOURCE_EXHAUSTED at its session limit) into INTERNAL. Once a write fails the rest
+    are dropped; the reader reports the failure."""
 
     def __init__(self, call):
         self.call = call
@@ -149,13 +92,13 @@ class _Link:
     source = ""
 
     def __init__(self, call, events: asyncio.Queue):
-        self.call = _Outbox(call)
+        self.outbox = _Outbox(call)
         self.events = events
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         try:
-            async for resp in self.call:
+            async for resp in self.outbox:
                 await self.events.put(Event(self.source, self._unwrap(resp), time.monotonic_ns()))
             await self.events.put(Event(self.source, None, time.monotonic_ns()))
         except grpc.RpcError as e:
@@ -170,8 +113,8 @@ class _Link:
         """Send ``stop_msg`` after everything queued, half-close, and give the service up to
         ``grace_s`` to end the stream by itself (it leaves its handler by its normal path and
         frees the session); then cancel the call."""
-        await self.call.write(stop_msg)
-        await self.call.done_writing(grace_s)
+        await self.outbox.write(stop_msg)
+        await self.outbox.done_writing(grace_s)
         await asyncio.wait({self.reader}, timeout=grace_s)
         self.cancel()
 
@@ -179,7 +122,22 @@ class _Link:
         """End the stream now, its reader and writer tasks with it (the service frees its
         session); never blocks."""
         self.reader.cancel()
-        self.call.cancel()
+        self.outbox.cancel()
+
+    async def refusal(self, timeout_s: float) -> tuple[grpc.StatusCode, str] | None:
+        """None once the service accepted the session (its guard sent the headers), else why
+        not: its status, or DEADLINE_EXCEEDED when no headers came within ``timeout_s``."""
+        call = self.outbox.call
+        try:
+            async with asyncio.timeout(timeout_s):  # not wait_for (design.md section 11)
+                md = await call.initial_metadata()
+            if md is not None and any(k == ACCEPTED_KEY for k, _ in md):
+                return None
+            return await call.code(), await call.details()
+        except TimeoutError:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to the session's start"
+        except grpc.RpcError as e:
+            return e.code(), e.details()
 
 
 class DraftLink(_Link):
@@ -194,17 +152,17 @@ class DraftLink(_Link):
 
     async def start(self, session_id: str, prompt_ids: list[int], window_id: int,
                     draft_until: int, sampling: pb.SamplingParams) -> None:
-        await self.call.write(pb.DraftRequest(start=pb.DraftStart(
+        await self.outbox.write(pb.DraftRequest(start=pb.DraftStart(
             session_id=session_id, prompt_ids=prompt_ids, sampling=sampling,
             window_id=window_id, draft_until=draft_until, trace_context=inject_context())))
 
     async def extend(self, window_id: int, draft_until: int) -> None:
-        await self.call.write(pb.DraftRequest(
+        await self.outbox.write(pb.DraftRequest(
             extend=pb.DraftExtend(window_id=window_id, draft_until=draft_until)))
 
     async def rollback(self, keep: int, append_ids: list[int], window_id: int,
                        draft_until: int) -> None:
-        await self.call.write(pb.DraftRequest(rollback=pb.DraftRollback(
+        await self.outbox.write(pb.DraftRequest(rollback=pb.DraftRollback(
             keep=keep, append_ids=append_ids, window_id=window_id, draft_until=draft_until)))
 
     async def stop(self) -> None:
@@ -225,17 +183,18 @@ class TargetLink(_Link):
                     first_token: bool, hidden_transfer: bool = False,
                     logprobs: int | None = None) -> None:
         """``logprobs``: None, or the top alternatives to report with each token's logprob."""
-        await self.call.write(pb.VerifyRequest(start=pb.VerifyStart(
+        await self.outbox.write(pb.VerifyRequest(start=pb.VerifyStart(
             session_id=session_id, prompt_ids=prompt_ids, sampling=sampling,
             first_token=first_token, trace_context=inject_context(),
             hidden_transfer=hidden_transfer, logprobs=logprobs is not None,
             top_logprobs=logprobs or 0)))
 
     async def verify(self, position: int, draft_ids: list[int], qs: list, window_id: int,
-                     phase: str, bonus: bool = False, held: bool = False) -> None:
-        await self.call.write(pb.VerifyRequest(window=pb.VerifyWindow(
+                     kind: str, bonus: bool = False, held: bool = False) -> None:
+        """``kind``: what the window asks (request.WindowKind), its label on the wire."""
+        await self.outbox.write(pb.VerifyRequest(window=pb.VerifyWindow(
             position=position, draft_ids=draft_ids, q=[q for q in qs if q is not None],
-            window_id=window_id, phase=phase, bonus=bonus, held=held)))
+            window_id=window_id, phase=kind, bonus=bonus, held=held)))
 
     async def stop(self) -> None:
         await self.close(pb.VerifyRequest(stop=pb.VerifyStop()))

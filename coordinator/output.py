@@ -14,7 +14,9 @@ from specdec.logprobs import TokenLogprob
 
 
 @dataclass
-class Delta:
+class Emitted:
+    """Text and token ids committed since the last ``Emitted``, for one ``GenerateResponse``."""
+
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per id, when asked for
@@ -31,7 +33,7 @@ class Output:
         self.sent_ids = 0
         self.sent_text = 0
         self.finish_reason: str | None = None
-        self.queue: asyncio.Queue[Delta | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[Emitted | None] = asyncio.Queue()
 
     @property
     def done(self) -> bool:
@@ -72,8 +74,8 @@ class Output:
         else:
             ready = text.rstrip("\ufffd")  # an incomplete UTF-8 character decodes to U+FFFD
             ready = ready[: len(ready) - self._held(ready)]
-        delta = Delta(ready[self.sent_text:] if len(ready) > self.sent_text else "",
-                      self.ids[self.sent_ids:], self.logprobs[self.sent_ids:])
+        delta = Emitted(ready[self.sent_text:] if len(ready) > self.sent_text else "",
+                        self.ids[self.sent_ids:], self.logprobs[self.sent_ids:])
         self.sent_text = max(self.sent_text, len(ready))
         self.sent_ids = len(self.ids)
         if delta.text or delta.token_ids:

@@ -40,7 +40,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
-from specdec.limits import ACCEPTED_KEY
 from specdec.security import ClientTLS, aio_channel
 
 log = logging.getLogger("pearl.replicas")
@@ -53,8 +52,9 @@ WATCH_BACKOFF_S = (0.25, 2.0)  # first and longest pause before watching a lost 
 
 
 @dataclass(frozen=True)
-class Target:
-    """A parsed gRPC target string: fixed ``addresses``, or a ``host`` and ``port`` to resolve."""
+class Address:
+    """A parsed gRPC target string (``--draft``, ``--target``): fixed ``addresses``, or a
+    ``host`` and ``port`` to resolve."""
 
     text: str
     addresses: tuple[str, ...] = ()
@@ -66,7 +66,7 @@ class Target:
         return bool(self.host)
 
 
-def parse_target(text: str) -> Target:
+def parse_address(text: str) -> Address:
     """``ipv4:a:p,b:p``, ``ipv6:[a]:p,...``, ``dns:[//authority/]host:port``, or one address."""
     text = text.strip()
     if not text:
@@ -78,13 +78,13 @@ def parse_target(text: str) -> Target:
             raise ValueError(f"{text}: no addresses after {scheme}:")
         for a in addrs:
             _split_host_port(a, text)
-        return Target(text, addrs)
+        return Address(text, addrs)
     if scheme == "dns":
         if rest.startswith("//"):  # dns://[authority]/host:port; a DNS server authority is not used
             rest = rest[2:].partition("/")[2]
         host, port = _split_host_port(rest, text)
-        return Target(text, host=host, port=port)
-    return Target(text, (text,))  # host:port, unix:..., or anything else gRPC dials as it is
+        return Address(text, host=host, port=port)
+    return Address(text, (text,))  # host:port, unix:..., or anything else gRPC dials as it is
 
 
 def _split_host_port(hostport: str, text: str) -> tuple[str, int]:
@@ -101,7 +101,7 @@ def _join(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-async def resolve(t: Target) -> list[str]:
+async def resolve(t: Address) -> list[str]:
     """The addresses ``t`` stands for now (sorted; empty when a name does not resolve)."""
     if not t.dynamic:
         return list(t.addresses)
@@ -151,17 +151,17 @@ class NoReplica(RuntimeError):
 
 
 class Pool:
-    """The replicas of one role (``draft`` or ``target``) behind one target string."""
+    """The replicas of one role (``draft`` or ``target``) behind one address."""
 
-    def __init__(self, role: str, target: str, options, tls: ClientTLS | None = None,
+    def __init__(self, role: str, address: str, options, tls: ClientTLS | None = None,
                  poll_s: float = POLL_S, resolve_s: float = RESOLVE_S,
                  refused_s: float = REFUSED_S):
-        self.role, self.target = role, parse_target(target)
+        self.role, self.address = role, parse_address(address)
         self.service = pb.DESCRIPTOR.services_by_name[
             {"draft": "DraftService", "target": "TargetService"}[role]].full_name
         self.options, self.tls = list(options), tls
-        if tls is not None and self.target.dynamic:  # certificates name the service, not pod IPs
-            self.options.append(("grpc.ssl_target_name_override", self.target.host))
+        if tls is not None and self.address.dynamic:  # certificates name the service, not pod IPs
+            self.options.append(("grpc.ssl_target_name_override", self.address.host))
         self.poll_s, self.resolve_s, self.refused_s = poll_s, resolve_s, refused_s
         self.replicas: dict[str, Replica] = {}
         self.info: pb.ModelInfoResponse | None = None  # the first replica's facts: the reference
@@ -176,14 +176,14 @@ class Pool:
 
     async def start(self, timeout_s: float = 600) -> pb.ModelInfoResponse:
         """Resolve, watch every replica, and return the model facts of the first that answers."""
-        await self._update(await resolve(self.target))
-        if self.target.dynamic:
+        await self._update(await resolve(self.address))
+        if self.address.dynamic:
             self._resolver = asyncio.create_task(self._resolve_loop())
         deadline = time.monotonic() + timeout_s
         while self.info is None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no {self.role} replica of {self.target.text} answered within "
+                raise TimeoutError(f"no {self.role} replica of {self.address.text} answered within "
                                    f"{timeout_s:g} s")
             await self._wait_changed(min(left, 1.0))
         return self.info
@@ -191,20 +191,20 @@ class Pool:
     async def _resolve_loop(self) -> None:
         while True:
             await asyncio.sleep(self.resolve_s if self.replicas else min(self.resolve_s, 1.0))
-            await self._update(await resolve(self.target))
+            await self._update(await resolve(self.address))
 
     async def _update(self, addresses: list[str]) -> None:
-        if self.target.dynamic and not addresses and self.replicas:
+        if self.address.dynamic and not addresses and self.replicas:
             return  # a failed lookup keeps what we have
         for addr in addresses:
             if addr not in self.replicas:
                 r = Replica(addr, aio_channel(addr, self.options, self.tls))
                 r.tasks = [asyncio.create_task(self._watch(r)), asyncio.create_task(self._poll(r))]
                 self.replicas[addr] = r
-                log.info("%s replica %s added (%s)", self.role, addr, self.target.text)
+                log.info("%s replica %s added (%s)", self.role, addr, self.address.text)
         for addr in [a for a in self.replicas if a not in addresses]:
             r = self.replicas.pop(addr)
-            log.info("%s replica %s removed (no longer in %s)", self.role, addr, self.target.text)
+            log.info("%s replica %s removed (no longer in %s)", self.role, addr, self.address.text)
             asyncio.create_task(self._retire(r))
         self._notify()
 
@@ -315,7 +315,7 @@ class Pool:
             return NoReplica(f"every {self.role} replica is at its session limit; retry later",
                              grpc.StatusCode.RESOURCE_EXHAUSTED)
         states = ", ".join(f"{r.address} {self.state(r)}" for r in rs) or "none resolved"
-        return NoReplica(f"no {self.role} replica of {self.target.text} takes sessions "
+        return NoReplica(f"no {self.role} replica of {self.address.text} takes sessions "
                          f"({states})")
 
     def state(self, r: Replica) -> str:
@@ -346,7 +346,7 @@ class Pool:
             private: asyncio.Queue = asyncio.Queue()
             link = open_link(r.channel, private)
             try:
-                refusal = await self._refusal(link.call.call)  # the grpc call under its outbox
+                refusal = await link.refusal(ACCEPT_TIMEOUT_S)
             except BaseException:  # the request was cancelled meanwhile
                 r.own -= 1
                 link.cancel()
@@ -369,20 +369,6 @@ class Pool:
 
     def _release(self, r: Replica) -> None:
         r.own -= 1
-
-    @staticmethod
-    async def _refusal(call) -> tuple[grpc.StatusCode, str] | None:
-        """None when the server accepted the call (its guard sent headers), else why not."""
-        try:
-            async with asyncio.timeout(ACCEPT_TIMEOUT_S):  # not wait_for (design.md section 11)
-                md = await call.initial_metadata()
-            if md is not None and any(k == ACCEPTED_KEY for k, _ in md):
-                return None
-            return await call.code(), await call.details()
-        except asyncio.TimeoutError:
-            return grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to the session's start"
-        except grpc.RpcError as e:
-            return e.code(), e.details()
 
     def counts(self) -> dict[str, int]:
         """Sessions placed per replica by this coordinator (for tests and logs)."""

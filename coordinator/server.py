@@ -14,7 +14,9 @@ from transformers import PreTrainedTokenizerFast
 from coordinator.links import BACKEND_OPTIONS, DraftLink, TargetLink
 from coordinator.output import Output
 from coordinator.replicas import NoReplica, Pool
-from coordinator.schedule import SCHEDULES, Plan, Request, ServiceLost, Timing, decode
+from coordinator.request import Plan, Request, ServiceLost
+from coordinator.schedule import SCHEDULES, decode
+from coordinator.timing import Timing
 from coordinator.tracing import request_trace
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
@@ -26,6 +28,7 @@ from specdec.defaults import (
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_MAX_SESSIONS,
 )
+from specdec.interceptor import Status
 from specdec.logprobs import MAX_TOP_LOGPROBS
 from specdec.security import ClientTLS, ServerTLS, TokenAuth
 from specdec.serving import Server
@@ -44,7 +47,21 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 class InvalidRequest(ValueError):
-    pass
+    """A Generate request this coordinator refuses (INVALID_ARGUMENT)."""
+
+
+def lost_status(e: ServiceLost) -> grpc.StatusCode:
+    """A target at its session limit mid-request asks for a retry; any other loss: UNAVAILABLE."""
+    busy = e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if busy else grpc.StatusCode.UNAVAILABLE
+
+
+# what a Generate call's errors answer (specdec/interceptor.py)
+STATUSES: dict[type[BaseException], Status] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NoReplica: lambda e: e.code,  # the pool says why no replica took the session
+    ServiceLost: lost_status,  # the target (the draft is only given up: request.py)
+}
 
 
 class Ending:
@@ -84,18 +101,23 @@ def stats_to_pb(stats: dict) -> pb.GenerateStats:
 
 
 class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
-    telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
-    # Reliability and security settings (docs/design.md section 11); serve() sets them from flags.
-    backend_tls: ClientTLS | None = None  # TLS/mTLS towards draft and target
-    draft_timeout_s = DEFAULT_DRAFT_TIMEOUT_S  # a draft silent this long is given up
-    max_prompt_tokens = DEFAULT_MAX_PROMPT_TOKENS
-    max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    http = None  # the OpenAI-compatible HTTP front (coordinator/openai_http), when serving one
+    telemetry = Telemetry.off()  # traces and metrics (specdec/telemetry.py), unless given
 
     def __init__(self, target: str, draft: str | None, gamma: int = DEFAULT_GAMMA,
-                 gamma_max: int = DEFAULT_GAMMA_MAX):
+                 gamma_max: int = DEFAULT_GAMMA_MAX, backend_tls: ClientTLS | None = None,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S,
+                 telemetry: Telemetry | None = None):
         self.target_addr, self.draft_addr = target, draft
         self.default_gamma, self.default_gamma_max = gamma, gamma_max
+        # reliability and security settings (docs/design.md section 11)
+        self.backend_tls = backend_tls  # TLS/mTLS towards draft and target
+        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
+        self.draft_timeout_s = draft_timeout_s  # a draft silent this long is given up
+        if telemetry is not None:
+            self.telemetry = telemetry
+        self.http = None  # the OpenAI-compatible HTTP front (coordinator/openai_http), if any
         self.timing = Timing()
 
     async def connect(self) -> None:
@@ -242,16 +264,10 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
                           req.top_logprobs if req.logprobs else None)
 
     async def Generate(self, request, context):
-        try:
-            mode, plan = self.plan(request)
-        except InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        mode, plan = self.plan(request)
         events: asyncio.Queue = asyncio.Queue()
-        uses_draft = mode in WITH_DRAFT
-        try:  # a replica each (coordinator/replicas.py); without a draft the target runs alone
-            target, draft, down = await self.open_links(uses_draft, events)
-        except NoReplica as e:
-            await context.abort(e.code, str(e))
+        # a replica each (coordinator/replicas.py); without a draft the target runs alone
+        target, draft, down = await self.open_links(mode in WITH_DRAFT, events)
         rtrace = request_trace(self.telemetry, context, mode, plan)  # pearl.generate
         eos = [] if request.ignore_eos else list(self.target_info.eos_token_ids)
         out = Output(self.tokenizer, plan.max_new_tokens, eos, list(request.stop))
@@ -267,10 +283,6 @@ class CoordinatorServicer(pearl_pb2_grpc.CoordinatorServicer):
                 yield pb.GenerateResponse(text=delta.text, token_ids=delta.token_ids,
                                           logprobs=[logprob_to_pb(t) for t in delta.logprobs])
             await task
-        except ServiceLost as e:  # the target (the draft is only given up: schedule.py)
-            busy = e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if busy
-                                else grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             rtrace.fail_if_raising()
             await asyncio.shield(ending())  # a second cancel must not cut the closing short
@@ -287,23 +299,21 @@ async def serve(target: str, draft: str | None, port: int, host: str = "[::]",
                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                 draft_timeout_s: float = DEFAULT_DRAFT_TIMEOUT_S,
-                http_port: int | None = None
+                http_port: int | None = None, telemetry: Telemetry | None = None
                 ) -> tuple[Server, CoordinatorServicer]:
     """Connect to draft and target, then serve the gRPC API, and with ``http_port`` the
     OpenAI-compatible HTTP front beside it (coordinator/openai_http; 0 = any free port)."""
-    servicer = CoordinatorServicer(target, draft, gamma, gamma_max)
-    servicer.backend_tls, servicer.draft_timeout_s = backend_tls, draft_timeout_s
-    servicer.max_prompt_tokens, servicer.max_new_tokens = max_prompt_tokens, max_new_tokens
+    servicer = CoordinatorServicer(target, draft, gamma, gamma_max, backend_tls,
+                                   max_prompt_tokens, max_new_tokens, draft_timeout_s, telemetry)
     await servicer.connect()
-    server = Server([pb.DESCRIPTOR.services_by_name["Coordinator"].full_name],
-                    interceptors=[TokenAuth(auth_token)] if auth_token else [],
-                    label="coordinator", max_sessions=max_sessions)
-    pearl_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server.grpc)
+    server = Server.serving(servicer, "Coordinator", label="coordinator",
+                            max_sessions=max_sessions, statuses=STATUSES,
+                            interceptors=[TokenAuth(auth_token)] if auth_token else [])
     if http_port is not None:
         from coordinator.openai_http.server import HttpFront
 
         servicer.http = HttpFront(servicer, server, http_port, host, tls, auth_token)
-    await server.start(port, host, tls.credentials() if tls else None)
+    await server.start(port, host, tls)
     log.info("coordinator on port %d (target %s, draft %s)", server.port, target, draft)
     if servicer.http is not None:
         await servicer.http.start()

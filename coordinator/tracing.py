@@ -15,7 +15,7 @@ import time
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from coordinator.schedule import Plan
+from coordinator.request import Plan
 from specdec.stats import Recorder
 from specdec.telemetry import Telemetry, extract_context, traced_task
 

@@ -4,29 +4,14 @@ Model code only: no gRPC here. The servicer feeds it control messages and sends 
 """
 
 import threading
-from dataclasses import dataclass
-
-import torch
 
 from draft_service.replay import ReplaySession
-from specdec.engine import Engine, engine_for
-from specdec.kv import ProtocolError, check_ids, check_prompt, make_abortable
+from specdec.answers import Proposal, StepTiming
+from specdec.checks import ProtocolError, check_ids, check_prompt
+from specdec.engine import Engine
 from specdec.sampling import DRAFT, Sampling, WireDist, compress, uniform, warp
-
-
-@dataclass
-class Proposal:
-    window_id: int
-    position: int
-    token_id: int
-    forward_ns: int
-    started_unix_ns: int
-    input_tokens: int
-    q: WireDist | None = None  # the distribution the token was drawn from (sampling only)
-    batch_rows: int = 1  # sessions in the engine step that drafted it
-    batch_tokens: int = 0  # tokens fed in that step
-    queue_ns: int = 0  # time the step request waited for the engine
-    cached_tokens: int = 0  # its prefill: prompt tokens the prefix cache held
+from specdec.scheduler import WorkKind
+from specdec.sequence import make_abortable
 
 
 class DraftSession:
@@ -36,10 +21,9 @@ class DraftSession:
     each proposal carries the window it belongs to.
     """
 
-    def __init__(self, model: torch.nn.Module | Engine, prompt_ids: list[int], window_id: int, goal: int,
+    def __init__(self, engine: Engine, prompt_ids: list[int], window_id: int, goal: int,
                  max_positions: int, sampling: Sampling = Sampling(), q_tail: float = 1e-4,
                  replay: ReplaySession | None = None):
-        engine = engine_for(model)
         check_prompt(prompt_ids, engine.model.config.vocab_size, max_positions)
         if replay is not None and not sampling.greedy:
             raise ProtocolError("start.sampling: this draft replays greedy references "
@@ -50,7 +34,7 @@ class DraftSession:
         self.q_tail = q_tail
         if not engine.batched:  # transformers' forward: stop it between layers by a hook
             make_abortable(engine.model)
-        self.seq = engine.sequence(prompt_ids, "draft")
+        self.seq = engine.sequence(prompt_ids, WorkKind.DRAFT)
         self.windows: list[tuple[int, int]] = [(len(prompt_ids), window_id)]
         self.last_window_id = window_id
         self.goal = self._checked_goal(goal, "start.draft_until")
@@ -104,10 +88,10 @@ class DraftSession:
         self.windows = [(len(self.seq), window_id)]
         self.goal = self._checked_goal(goal, "rollback.draft_until")
 
-    def step(self, abort: threading.Event | None = None) -> Proposal:
+    def step(self, abort: threading.Event | None = None) -> Proposal[WireDist]:
         """Draft one token at the end of the sequence (one forward pass).
 
-        Raises specdec.kv.Aborted, leaving the session as it was, when ``abort`` is set before
+        Raises specdec.sequence.Aborted, leaving the session as it was, when ``abort`` is set before
         the pass ends (a rollback or stop arrived: the token would be stale)."""
         f = self.seq.forward(keep=1, abort=abort)
         position = len(self.seq)
@@ -120,6 +104,4 @@ class DraftSession:
             q = compress(warp(f.logits[-1], self.sampling), self.q_tail)
             token = q.sample(uniform(self.sampling.seed, position, DRAFT))
         self.seq.extend([token])
-        return Proposal(self.window_of(position), position, token, f.forward_ns,
-                        f.started_unix_ns, f.input_tokens, q, f.batch_rows, f.batch_tokens,
-                        f.queue_ns, f.reused)
+        return Proposal(self.window_of(position), position, token, StepTiming.of(f), q)

@@ -63,19 +63,20 @@ class DraftTrace:
             self._open(r.window_id, r.keep + len(r.append_ids), r.draft_until)
 
     def proposal(self, p) -> None:
-        """A drafted token (a ``drafter.Proposal``), after its forward pass."""
+        """A drafted token (a ``specdec.answers.Proposal``), after its forward pass."""
+        step = p.step
         if self.tel.metrics is not None:
             self.tel.metrics.draft_forwards.add(1, {"reported_by": "service"})
-            self.tel.metrics.queue_wait.record(p.queue_ns / 1e9, {"reported_by": "draft"})
+            self.tel.metrics.queue_wait.record(step.queue_ns / 1e9, {"reported_by": "draft"})
         if self.ctx is None:
             return
         w = next((w for w in reversed(self.windows) if w.id == p.window_id), None)
         if w is not None:
-            w.starts.append(p.started_unix_ns)
-            w.durations.append(p.forward_ns)
-            w.input_tokens += p.input_tokens
-            w.batch_rows.append(p.batch_rows)
-            w.queue_ns.append(p.queue_ns)
+            w.starts.append(step.started_unix_ns)
+            w.durations.append(step.forward_ns)
+            w.input_tokens += step.input_tokens
+            w.batch_rows.append(step.batch_rows)
+            w.queue_ns.append(step.queue_ns)
 
     def _close_all(self, keep: int | None) -> list:
         """Start spans for every window that drafted; ``keep`` None: the session ended."""

@@ -22,26 +22,26 @@ class TargetTrace:
             tel.metrics.active_sessions.add(1)
 
     def verdict(self, v, window_id: int, phase: str) -> None:
-        """A ``verifier.Verdict`` for a start (phase "start") or a window."""
-        m = self.tel.metrics
-        if m is not None and v.input_tokens:
+        """A ``specdec.answers.Verdict`` for a start (phase "start") or a window."""
+        m, step = self.tel.metrics, v.step
+        if m is not None and step.input_tokens:
             m.target_forwards.add(1, {"reported_by": "service"})
             if phase != "start":
-                m.verify_latency.record(v.forward_ns / 1e9, {"phase": phase})
-            m.queue_wait.record(v.queue_ns / 1e9, {"reported_by": "target"})
+                m.verify_latency.record(step.forward_ns / 1e9, {"phase": phase})
+            m.queue_wait.record(step.queue_ns / 1e9, {"reported_by": "target"})
         if self.ctx is None:
             return
-        start = v.started_unix_ns if v.input_tokens else time.time_ns()
+        start = step.started_unix_ns if step.input_tokens else time.time_ns()
         rejected = v.accepted < v.verified
         span = self.tel.tracer.start_span("target.verify", context=self.ctx, start_time=start,
                                           attributes={
             "pearl.session_id": self.session, "pearl.window_id": window_id,
             "pearl.phase": phase, "pearl.position": v.position, "pearl.verified": v.verified,
             "pearl.accepted": v.accepted, "pearl.rejected": rejected,
-            "pearl.committed": v.committed, "pearl.input_tokens": v.input_tokens,
-            "pearl.forward_ns": v.forward_ns, "pearl.batch_rows": v.batch_rows,
-            "pearl.batch_tokens": v.batch_tokens, "pearl.queue_ns": v.queue_ns})
-        span.end(end_time=start + v.forward_ns)
+            "pearl.committed": v.committed, "pearl.input_tokens": step.input_tokens,
+            "pearl.forward_ns": step.forward_ns, "pearl.batch_rows": step.batch_rows,
+            "pearl.batch_tokens": step.batch_tokens, "pearl.queue_ns": step.queue_ns})
+        span.end(end_time=start + step.forward_ns)
 
     def close(self) -> None:
         if self.tel.metrics is not None:

@@ -10,41 +10,15 @@ When the session asks for them, each verdict carries the log-probability of ever
 commits, from the same logits that decided the token (specdec/logprobs.py).
 """
 
-from dataclasses import dataclass, field
-
 import torch
 
 from specdec.acceptance import choose, judge
-from specdec.engine import Engine, engine_for
-from specdec.kv import Forward, ProtocolError, check_ids, check_prompt
-from specdec.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
+from specdec.answers import StepTiming, Verdict
+from specdec.checks import ProtocolError, check_ids, check_prompt
+from specdec.engine import Engine
+from specdec.logprobs import MAX_TOP_LOGPROBS, token_logprobs
 from specdec.sampling import Sampling, WireDist
-
-
-@dataclass
-class Verdict:
-    position: int  # first verified position (committed length before this verdict)
-    verified: int  # draft tokens judged
-    accepted: int  # accepted prefix
-    token_id: int | None  # the target's token at position + accepted, if it chose one
-    committed: int  # committed length after
-    forward_ns: int = 0
-    started_unix_ns: int = 0
-    input_tokens: int = 0  # 0: no forward pass ran
-    accepted_ids: list[int] = field(default_factory=list)  # Hidden Transfer: its own drafts kept
-    batch_rows: int = 0  # sessions in the engine step of the forward pass (0: none ran)
-    batch_tokens: int = 0  # tokens fed in that step
-    queue_ns: int = 0  # time the forward waited for its step
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per committed token, if asked
-    cached_tokens: int = 0  # a start: prompt tokens the prefix cache held (not fed)
-
-    def timed(self, f: Forward) -> "Verdict":
-        """This verdict with the timing of the forward pass ``f``."""
-        self.forward_ns, self.started_unix_ns, self.input_tokens = (
-            f.forward_ns, f.started_unix_ns, f.input_tokens)
-        self.batch_rows, self.batch_tokens, self.queue_ns = f.batch_rows, f.batch_tokens, f.queue_ns
-        self.cached_tokens = f.reused
-        return self
+from specdec.scheduler import WorkKind
 
 
 def check_logprobs(logprobs: int | None) -> None:
@@ -54,18 +28,17 @@ def check_logprobs(logprobs: int | None) -> None:
 
 
 class TargetSession:
-    def __init__(self, model: torch.nn.Module | Engine, prompt_ids: list[int],
+    def __init__(self, engine: Engine, prompt_ids: list[int],
                  max_positions: int, sampling: Sampling = Sampling(),
                  logprobs: int | None = None):
         """``logprobs``: None, or report each committed token's logprob with that many top
         alternatives."""
-        engine = engine_for(model)
         check_prompt(prompt_ids, engine.model.config.vocab_size, max_positions)
         check_logprobs(logprobs)
         self.max_positions = max_positions
         self.sampling = sampling
         self.logprobs = logprobs
-        self.seq = engine.sequence(prompt_ids, "verify")
+        self.seq = engine.sequence(prompt_ids, WorkKind.VERIFY)
         self.held: torch.Tensor | None = None  # logits [vocab] of position len(seq), if kept
         self.started = False
 
@@ -80,7 +53,7 @@ class TargetSession:
             self.seq.extend([token])
         else:
             self.held = f.logits[-1]
-        v = Verdict(position, 0, 0, token, len(self.seq)).timed(f)
+        v = Verdict(position, 0, 0, token, len(self.seq), StepTiming.of(f))
         return self._scored(v, f.logits[-1:], [] if token is None else [token])
 
     def close(self) -> None:
@@ -118,8 +91,8 @@ class TargetSession:
                 self.seq.extend([token])
             else:  # all accepted and no bonus: keep the next position's distribution
                 self.held = logits[-1]
-        v = Verdict(position, len(draft), accepted, token, len(self.seq))
-        v = v.timed(f) if f is not None else v
+        v = Verdict(position, len(draft), accepted, token, len(self.seq),
+                    StepTiming.of(f) if f is not None else StepTiming())
         # logits[i] decided position + i: the accepted drafts, then the target's own token
         return self._scored(v, logits, draft[:accepted] + ([] if token is None else [token]))
 

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from cluster import Cluster
-from coordinator.schedule import Timing
+from coordinator.timing import Timing
 from pearl.client import Client
 from specdec.models import LoadedModel, noisy_copy
 

@@ -1,6 +1,6 @@
-"""Faults an outside test found in the coordinator's requests (issue 14, faults 1, 2 and 7), with
-tiny models in process: a request that fills the models' context exactly, sessions left behind
-by bursts of cancelled requests, and a draft that is full."""
+"""Faults at the edges of the coordinator's requests, with tiny models in process: a request that
+fills the models' context exactly, sessions left behind by bursts of cancelled requests, and a
+draft that is full."""
 
 import random
 import threading
@@ -62,9 +62,9 @@ def pair(tiny_draft, tiny_target):
 def test_cancel_bursts_leave_no_sessions(pair):
     """Bursts of requests (ar, sd, pearl) cancelled after a few tokens, three at a time against a
     target and a draft that take three sessions each: every session is freed within a few
-    seconds, and a normal request is served afterwards. A leak used to happen about once in 200
-    cancels (a stop written while the schedule's own write was in flight failed the call locally
-    with INTERNAL, after which its cancel never reached the target)."""
+    seconds, and a normal request is served afterwards. The race it guards: a stop written while
+    the schedule's own write is in flight fails the call locally with INTERNAL, after which its
+    cancel never reaches the target (links.py writes one message at a time)."""
     c = Cluster(*pair, target_kw=dict(max_sessions=3), draft_kw=dict(max_sessions=3))
     rng = random.Random(1)
     modes = [pb.MODE_AR, pb.MODE_SD, pb.MODE_PEARL]

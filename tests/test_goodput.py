@@ -6,7 +6,7 @@ even one draft token per window costs the batch more than it saves; back on when
 
 import random
 
-from coordinator.schedule import Timing
+from coordinator.timing import Timing
 
 MS = 1_000_000
 
@@ -201,7 +201,8 @@ def test_an_uncertain_slope_does_not_turn_speculation_off():
 
 
 def test_a_fixed_window_is_never_0():
-    from coordinator.schedule import Pearl, Plan
+    from coordinator.request import Plan
+    from coordinator.schedule import Pearl
 
     class R:  # what Pearl.gamma reads
         plan = Plan("s", [1], 8, 64, gamma=3)

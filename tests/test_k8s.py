@@ -25,7 +25,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.replicas import parse_target
+from coordinator.replicas import parse_address
 from pearl import cli
 from protos.v1 import pearl_pb2
 from specdec import model_store
@@ -275,7 +275,7 @@ def test_coordinator_points_at_the_headless_services(overlay):
     pods = all_pod_labels(objs)
     for role, addr in (("draft", a.draft), ("target", a.target)):
         assert addr, f"coordinator: no --{role} address"
-        t = parse_target(addr)  # the coordinator's own parser
+        t = parse_address(addr)  # the coordinator's own parser
         assert t.dynamic, f"--{role} {addr}: not a dns: name, so the coordinator sees one replica"
         svc = service_for_host(t.host, services, ns)
         assert svc is not None, f"--{role} {addr}: {t.host} is no Service of namespace {ns}"

@@ -9,10 +9,14 @@ import torch
 
 from cluster import Cluster
 from conftest import greedy_reference, noisy_copy
-from coordinator.links import Event, Proposal, Verdict
+from coordinator.links import Event
 from coordinator.output import Output
-from coordinator.schedule import Pearl, Plan, Request, Timing
+from coordinator.request import Plan, Request
+from coordinator.schedule import Pearl
+from coordinator.timing import Timing
 from pearl.client import Client
+from protos.v1 import pearl_pb2 as pb
+from specdec.answers import Proposal, StepTiming, Verdict
 from specdec.models import LoadedModel, tiny_loaded, tiny_tokenizer
 from specdec.stats import Recorder, intersection
 
@@ -29,14 +33,19 @@ class FakeLink:
         return record
 
 
+SAMPLING = pb.SamplingParams(seed=1)  # greedy; passed to the services as it is
+
+
 def proposal(window_id, position, token):
-    return Proposal(window_id, position, token, forward_ns=1000, input_tokens=1)
+    return Proposal(window_id, position, token, StepTiming(forward_ns=1000, input_tokens=1))
 
 
 def verdict(position, verified, accepted, token=None, phase="post"):
+    """``phase``: what the verdict answers ("held": judged without a forward pass)."""
     return Verdict(position, verified, accepted, token,
-                   committed=position + accepted + (token is not None), phase=phase,
-                   forward_ns=3000, input_tokens=0 if phase == "held" else verified + 1)
+                   committed=position + accepted + (token is not None),
+                   step=StepTiming(forward_ns=3000,
+                                   input_tokens=0 if phase == "held" else verified + 1))
 
 
 def test_stale_proposals_are_dropped_and_modes_switch():
@@ -44,7 +53,7 @@ def test_stale_proposals_are_dropped_and_modes_switch():
         L, events = 4, asyncio.Queue()
         draft, target = FakeLink(), FakeLink()
         plan = Plan("s", [1, 2, 3, 4], max_new_tokens=50, max_positions=1000, gamma=3,
-                    sampling="S")
+                    sampling=SAMPLING)
         out = Output(tiny_tokenizer(), 50, [], [])
         rec = Recorder("pearl", L)
         p = Pearl(Request(plan, target, draft, events, out, rec, Timing()))
@@ -54,8 +63,8 @@ def test_stale_proposals_are_dropped_and_modes_switch():
 
         await settle()
         # no first token, no logprobs
-        assert target.calls[0] == ("start", "s", [1, 2, 3, 4], "S", False, False, None)
-        assert draft.calls[0] == ("start", "s", [1, 2, 3, 4], 1, L + 3, "S")
+        assert target.calls[0] == ("start", "s", [1, 2, 3, 4], SAMPLING, False, False, None)
+        assert draft.calls[0] == ("start", "s", [1, 2, 3, 4], 1, L + 3, SAMPLING)
         put("target", verdict(L, 0, 0, phase="start"))  # the target holds position L
         await settle()
         assert p.phase == "held" and len(target.calls) == 1  # it waits for the draft's token at L

@@ -14,11 +14,13 @@ from cluster import Cluster
 from conftest import greedy_reference
 from coordinator.links import DraftLink, Event
 from coordinator.output import Output
-from coordinator.schedule import Pearl, Plan, Request, Timing
+from coordinator.request import Plan, Request
+from coordinator.schedule import Pearl
+from coordinator.timing import Timing
 from pearl.client import Client
 from specdec.models import noisy_copy, tiny_loaded, tiny_tokenizer
 from specdec.stats import Recorder
-from test_pearl import FakeLink, proposal, verdict
+from test_pearl import SAMPLING, FakeLink, proposal, verdict
 
 L = 4
 PROMPT = [1, 2, 3, 4]
@@ -38,7 +40,7 @@ class Set(Timing):
 def start(timing: Timing):
     events = asyncio.Queue()
     draft, target = FakeLink(), FakeLink()
-    plan = Plan("s", PROMPT, max_new_tokens=50, max_positions=1000, sampling="S")  # adaptive
+    plan = Plan("s", PROMPT, max_new_tokens=50, max_positions=1000, sampling=SAMPLING)  # adaptive
     rec = Recorder("pearl", L)
     p = Pearl(Request(plan, target, draft, events, Output(tiny_tokenizer(), 50, [], []), rec,
                       timing))
@@ -60,7 +62,7 @@ def test_window_0_parks_the_draft_and_its_return_resynchronises_it():
         timing = Set(3)
         p, draft, target, rec, task, put = start(timing)
         await settle()
-        assert draft.calls[0] == ("start", "s", PROMPT, 1, L + 3, "S")
+        assert draft.calls[0] == ("start", "s", PROMPT, 1, L + 3, SAMPLING)
         put("target", verdict(L, 0, 0, phase="start"))
         put("draft", proposal(1, L, 50))
         await settle()
@@ -130,7 +132,7 @@ def test_a_request_that_starts_off_answers_from_the_held_distribution():
         timing = Set(0)  # off already when the request comes
         p, draft, target, rec, task, put = start(timing)
         await settle()
-        assert draft.calls == [("start", "s", PROMPT, 1, L, "S")]  # nothing to draft
+        assert draft.calls == [("start", "s", PROMPT, 1, L, SAMPLING)]  # nothing to draft
         put("target", verdict(L, 0, 0, phase="start"))
         await settle()
         # the target holds the distribution of L: the empty window is answered from it

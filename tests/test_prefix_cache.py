@@ -23,9 +23,9 @@ from pearl.client import Client
 from protos.v1 import pearl_pb2 as pb
 from protos.v1 import pearl_pb2_grpc
 from specdec.engine import Engine, EngineConfig
-from specdec.kv import CachedSequence
 from specdec.kv_store import PAGE_SIZE as PS, BlockTable, KVStore
 from specdec.sampling import Sampling
+from specdec.sequence import HFSequence
 from target_service.hidden_transfer.layers import Transfer, TransferLayers
 from target_service.verifier import TargetSession
 
@@ -140,7 +140,7 @@ def decode(engine: Engine, prompt: list[int], n: int, sampling: Sampling = Sampl
         out = [first.token_id]
         while len(out) < n:  # an empty window: the target's own next token (ar)
             out.append(s.verify(len(s.seq), [], [], True, False).token_id)
-        return out, first.cached_tokens
+        return out, first.step.cached_tokens
     finally:
         s.close()
 
@@ -175,7 +175,7 @@ def test_a_rollback_right_after_and_into_the_cached_prefix(engines, tiny_target)
         seq.truncate(keep)
         seq.extend([7, 8, 9])
         got = seq.forward(keep=3).logits
-        ref = CachedSequence(tiny_target.model, seq.ids).forward(keep=3).logits
+        ref = HFSequence(tiny_target.model, seq.ids).forward(keep=3).logits
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         seq.close()
     assert decode(on, PROMPTS[4], 4)[0] == decode(off, PROMPTS[4], 4)[0]  # cached pages intact

@@ -17,7 +17,7 @@ from cluster import Cluster
 from conftest import (all_sessions_freed, free_port, greedy_reference, health, live_sessions,
                       until_recovered, wait_until)
 from coordinator.links import Event
-from coordinator.schedule import Plan, Request
+from coordinator.request import Plan, Request
 from draft_service.server import serve as serve_draft
 from pearl.client import Client, Delta, Result
 from protos.v1 import pearl_pb2 as pb
@@ -194,8 +194,8 @@ def test_sampled_fallback_stays_seeded(fresh):
 
 def test_requests_without_a_target_leave_no_draft_stream_behind(fresh):
     """With the target down, each request's draft stream (opened beside the target's) is ended
-    whole: its session freed and its writer task gone (a dropped link used to leave its writer
-    waiting forever, one task and call per request for as long as the outage lasted)."""
+    whole: its session freed and its writer task gone (a dropped link must not leave its writer
+    waiting, one task and call per request for as long as the outage lasts)."""
     c = fresh()
     c.call(c.target_server.stop(0))
     with Client(c.address, timeout_s=10) as cl:

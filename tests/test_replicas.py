@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from conftest import greedy_reference
-from coordinator.replicas import Pool, Replica, parse_target, resolve
+from coordinator.replicas import Pool, Replica, parse_address, resolve
 from coordinator.server import serve as serve_coordinator
 from draft_service.server import serve as serve_draft
 from pearl.client import Client, Delta, Result
@@ -105,22 +105,22 @@ def complete(address: str, i: int) -> Result:
 # -- target strings and the choice, without servers ------------------------------------------
 
 def test_target_strings_parse():
-    t = parse_target("ipv4:127.0.0.1:50052,127.0.0.1:50062")
+    t = parse_address("ipv4:127.0.0.1:50052,127.0.0.1:50062")
     assert t.addresses == ("127.0.0.1:50052", "127.0.0.1:50062") and not t.dynamic
-    assert parse_target("ipv6:[::1]:5,[::1]:6").addresses == ("[::1]:5", "[::1]:6")
-    d = parse_target("dns:///target-headless.pearl.svc:50052")
+    assert parse_address("ipv6:[::1]:5,[::1]:6").addresses == ("[::1]:5", "[::1]:6")
+    d = parse_address("dns:///target-headless.pearl.svc:50052")
     assert (d.host, d.port, d.dynamic) == ("target-headless.pearl.svc", 50052, True)
-    assert parse_target("dns:localhost:7").host == "localhost"
-    assert parse_target("target:50052").addresses == ("target:50052",)  # dialled as it is
+    assert parse_address("dns:localhost:7").host == "localhost"
+    assert parse_address("target:50052").addresses == ("target:50052",)  # dialled as it is
     for bad in ("ipv4:", "ipv4:1.2.3.4", "dns:///nohost", ""):
         with pytest.raises(ValueError):
-            parse_target(bad)
+            parse_address(bad)
 
 
 def test_dns_resolves_every_address():
-    addrs = asyncio.run(resolve(parse_target("dns:///localhost:50052")))
+    addrs = asyncio.run(resolve(parse_address("dns:///localhost:50052")))
     assert "127.0.0.1:50052" in addrs, addrs
-    assert asyncio.run(resolve(parse_target("dns:///no-such-host.invalid:1"))) == []
+    assert asyncio.run(resolve(parse_address("dns:///no-such-host.invalid:1"))) == []
 
 
 def _pool(*replicas: Replica) -> Pool:

@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP front of the coordinator (issue 28; docs/design.md section 14)."""
+"""The OpenAI-compatible HTTP front of the coordinator (docs/design.md section 14)."""

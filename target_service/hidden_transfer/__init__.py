@@ -2,7 +2,7 @@
 
     layers.py   the trained transfer maps, their weights file (load/save, where to find it)
     tree.py     which candidates a step feeds (rank paths) and how they attend (tree masks)
-    session.py  one decoding session: a tree per step, one row of the target's batched engine
+    session.py  one decoding session: a tree per step, one feed of the target's batched engine
 
 Training (self-distillation, the model frozen) is no part of serving: pearl/transfer_train.py,
 behind `pearl transfer train`. docs/hidden-transfer.md explains the method and the numbers.

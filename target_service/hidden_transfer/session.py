@@ -16,7 +16,7 @@ their logprobs (when asked for) come from the node logits that chose them. The K
 back to the prefix plus the walked nodes (compaction), and the drafts of the last walked node
 seed the next tree.
 
-The tree runs as one row of the target's batched engine step (specdec/batch_forward.py: a row
+The tree runs as one feed of the target's batched engine step (specdec/batch_forward.py: a feed
 with a tree mask and pseudo tokens from layer L on), beside other sessions' verify windows.
 """
 
@@ -25,21 +25,22 @@ from __future__ import annotations
 import torch
 
 from specdec.acceptance import choose
+from specdec.answers import StepTiming, Verdict
 from specdec.batch_forward import Pseudo
-from specdec.engine import Engine, engine_for
-from specdec.kv import ProtocolError, check_prompt
+from specdec.checks import ProtocolError, check_prompt
+from specdec.engine import Engine
 from specdec.logprobs import token_logprobs
 from specdec.sampling import Sampling
+from specdec.scheduler import WorkKind
 from target_service.hidden_transfer.layers import TransferLayers
 from target_service.hidden_transfer.tree import tree_masks
-from target_service.verifier import Verdict, check_logprobs
+from target_service.verifier import check_logprobs
 
 
 class HiddenTransferSession:
-    def __init__(self, model: torch.nn.Module | Engine, transfer: TransferLayers,
+    def __init__(self, engine: Engine, transfer: TransferLayers,
                  paths: list[tuple[int, ...]], prompt_ids: list[int], max_positions: int,
                  sampling: Sampling = Sampling(), logprobs: int | None = None):
-        engine = engine_for(model)
         if not engine.batched:
             raise ValueError("hidden transfer runs on the batched engine: Llama-family models "
                              f"only, not {engine.model.config.model_type}")
@@ -53,7 +54,7 @@ class HiddenTransferSession:
         self.max_positions = max_positions
         self.sampling = sampling
         self.logprobs = logprobs  # None, or top alternatives per committed token's logprob
-        self.seq = engine.sequence(prompt_ids, "verify")
+        self.seq = engine.sequence(prompt_ids, WorkKind.VERIFY)
         self.ids = self.seq.ids  # committed; ids[-1] is the root (not fed yet) once started
         self.drafts: torch.Tensor | None = None  # [k, vocab]: the root's draft logits
         self.started = False
@@ -87,10 +88,10 @@ class HiddenTransferSession:
         position = len(self.ids)
         v = self._tree_step([], first=True)  # the root alone: the prompt's last token
         if fill is not None:
-            v.forward_ns += fill.forward_ns
-            v.queue_ns += fill.queue_ns
-            v.input_tokens += fill.input_tokens
-            v.cached_tokens = fill.reused
+            v.step.forward_ns += fill.forward_ns
+            v.step.queue_ns += fill.queue_ns
+            v.step.input_tokens += fill.input_tokens
+            v.step.cached_tokens = fill.reused
         v.position = position
         self.started = True
         return v
@@ -136,9 +137,9 @@ class HiddenTransferSession:
         self.ids.extend(accepted + [token])
         self.drafts = pseudo_logits[node]
         drafted = max((len(p) for p in paths), default=0)
-        v = Verdict(position, drafted, len(accepted), token, len(self.ids),
-                    accepted_ids=accepted).timed(f)
-        v.input_tokens = n * (1 + k)  # every node and its pseudo tokens
+        v = Verdict(position, drafted, len(accepted), token, len(self.ids), StepTiming.of(f),
+                    accepted_ids=accepted)
+        v.step.input_tokens = n * (1 + k)  # every node and its pseudo tokens
         if self.logprobs is not None:  # each walked node's logits chose the next token
             v.logprobs = token_logprobs(node_logits[walked], accepted + [token], self.sampling,
                                         self.logprobs)
