@@ -6,58 +6,48 @@ import threading
 
 import grpc
 
-from draft_service.drafter import DraftSession, Proposal, ProtocolError
+from draft_service.drafter import DraftSession, ProtocolError
 from draft_service.replay import Replay
 from draft_service.tracing import NO_DRAFT_TRACE, draft_trace
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
-from specdec.engine import Engine, EngineConfig, describe_engine
-from specdec.kv import Aborted
-from specdec.kv_store import StoreFull
 from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS
+from specdec.engine import EngineConfig, describe_engine
+from specdec.interceptor import Status
+from specdec.kv_store import StoreFull
 from specdec.limits import idle_get
 from specdec.security import ServerTLS
-from specdec.serving import ModelRunner, Server, model_info
+from specdec.sequence import Aborted
+from specdec.serving import ModelServicer, Server, model_info
 from specdec.telemetry import Telemetry
-from specdec.wire import dist_to_pb, sampling_from_pb
+from specdec.answers import Proposal
+from specdec.wire import proposal_to_pb, sampling_from_pb
 
 log = logging.getLogger("pearl.draft")
 
+# what a Draft stream's errors answer (specdec/interceptor.py)
+STATUSES: dict[type[BaseException], Status] = {
+    ProtocolError: grpc.StatusCode.INVALID_ARGUMENT,
+    StoreFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
 
 def to_pb(p: Proposal) -> pearl_pb2.DraftResponse:
-    return pearl_pb2.DraftResponse(proposal=pearl_pb2.DraftProposal(
-        window_id=p.window_id, position=p.position, token_id=p.token_id,
-        forward_ns=p.forward_ns, started_unix_ns=p.started_unix_ns, input_tokens=p.input_tokens,
-        q=dist_to_pb(p.q) if p.q is not None else None, batch_rows=p.batch_rows,
-        batch_tokens=p.batch_tokens, queue_ns=p.queue_ns,
-        cached_tokens=p.cached_tokens))
+    return pearl_pb2.DraftResponse(proposal=proposal_to_pb(p))
 
 
-class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
-    telemetry = Telemetry.off()  # traces and metrics; `pearl serve` and tests set their own
-    idle_s = DEFAULT_IDLE_S  # a session that hears nothing this long is closed (0: never)
-
+class DraftServicer(ModelServicer, pearl_pb2_grpc.DraftServiceServicer):
     def __init__(self, loaded, q_tail: float = 1e-4, replay: Replay | None = None,
                  engine: EngineConfig = EngineConfig(),
-                 max_sessions: int = DEFAULT_MAX_SESSIONS):
-        self.loaded = loaded
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S,
+                 telemetry: Telemetry | None = None):
+        super().__init__(loaded, "draft", engine, max_sessions, idle_s,
+                         telemetry)
         self.q_tail = q_tail
         self.replay = replay  # a benchmarking draft (draft_service/replay.py), normally None
-        # one batched forward per step over every session's draft step (specdec/engine.py)
-        self.engine = Engine.configured(loaded.model, engine, "draft")
-        self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
-        self.engine.on_wait = lambda ns: self.telemetry.engine_wait(ns)
-        self.engine.on_prefix = lambda hit, looked: self.telemetry.prefix_lookup(hit, looked)
-        self.runner = ModelRunner("draft", max_sessions or 256)
-        self.live = 0
         self.aborted = 0  # draft forwards stopped early because their token went stale
 
     async def GetModelInfo(self, request, context):
         return model_info(self.loaded, self.live, self.engine)
-
-    async def close(self) -> None:
-        """Stop the session workers and the engine (after the server has drained)."""
-        self.runner.close()
-        self.engine.close()
 
     async def Draft(self, request_iterator, context):
         inbox: asyncio.Queue = asyncio.Queue()
@@ -91,12 +81,7 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
                         req = await idle_get(inbox, self.idle_s, context, "draft")
                     if req is None or req.WhichOneof("kind") == "stop":
                         return
-                    try:
-                        session = self.apply(session, req)
-                    except ProtocolError as e:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                    except StoreFull as e:
-                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                    session = self.apply(session, req)
                     if req.WhichOneof("kind") == "start":
                         dtrace = draft_trace(self.telemetry, req.start)
                     else:
@@ -109,8 +94,6 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
                 except Aborted:  # a rollback or stop is waiting in the inbox
                     self.aborted += 1
                     continue
-                except StoreFull as e:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
                 dtrace.proposal(proposal)
                 yield to_pb(proposal)
         finally:
@@ -152,17 +135,14 @@ class DraftServicer(pearl_pb2_grpc.DraftServiceServicer):
 async def serve(loaded, port: int, host: str = "[::]", q_tail: float = 1e-4,
                 tls: ServerTLS | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,
                 idle_s: float = DEFAULT_IDLE_S, replay: Replay | None = None,
-                engine: EngineConfig = EngineConfig()
+                engine: EngineConfig = EngineConfig(), telemetry: Telemetry | None = None
                 ) -> tuple[Server, DraftServicer]:
-    servicer = DraftServicer(loaded, q_tail, replay, engine, max_sessions)
-    servicer.idle_s = idle_s
-    server = Server([pearl_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
-                    label="draft service", max_sessions=max_sessions,
-                    store=servicer.engine.store)
-    pearl_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server.grpc)
+    servicer = DraftServicer(loaded, q_tail, replay, engine, max_sessions, idle_s, telemetry)
+    server = Server.serving(servicer, "DraftService", label="draft service",
+                            max_sessions=max_sessions, statuses=STATUSES,
+                            store=servicer.engine.store)
     # the port opens NOT_SERVING; SERVING once the compiled steps are built (if any)
-    await server.start(port, host, tls.credentials() if tls else None,
-                       warm_up=servicer.engine.serving_warm_up())
+    await server.start(port, host, tls, warm_up=servicer.engine.serving_warm_up())
     log.info("draft service on port %d (%s; %s%s)", server.port, loaded.name,
              describe_engine(servicer.engine),
              f"; replaying {replay.path} at acceptance {replay.acceptance}" if replay else "")

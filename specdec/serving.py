@@ -1,5 +1,6 @@
-"""Plumbing the three gRPC servers share: health, reflection, a model runner off the event loop,
-channel options and clean shutdown. No servicer lives here."""
+"""Plumbing the three gRPC servers share: one way to build and start a server (health,
+reflection, load reports, the session guard, the error interceptor), the session workers off
+the event loop, channel options and clean shutdown. No servicer lives here."""
 
 import asyncio
 import os
@@ -12,8 +13,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specdec.interceptor import ErrorStatus, Status
 from specdec.limits import CallGuard, LoadReporter
-from specdec.readable import ReadableRequests
+from specdec.security import ServerTLS
+from specdec.telemetry import Telemetry
 
 T = TypeVar("T")
 
@@ -53,8 +56,8 @@ CHANNEL_OPTIONS = [*_MESSAGE_SIZES, *_CLIENT_KEEPALIVE]
 SERVER_OPTIONS = [*_MESSAGE_SIZES, *_SERVER_KEEPALIVE]
 
 
-class ModelRunner:
-    """Runs session calls (which wait on the model's engine) off the event loop.
+class SessionWorkers:
+    """Threads that run session calls (which wait on the model's engine) off the event loop.
 
     One worker per concurrent session at most: each call blocks its worker until the engine
     (specdec/engine.py) has run the step that holds its forward, so the pool must be as wide as
@@ -72,16 +75,47 @@ class ModelRunner:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class ModelServicer:
+    """What the draft and target servicers share: the loaded model, its engine (one batched
+    forward per step over every session's work, specdec/engine.py) reporting to the service's
+    telemetry, the session workers, the count of live sessions, and ``close``."""
+
+    telemetry = Telemetry.off()  # traces and metrics (specdec/telemetry.py), unless given
+
+    def __init__(self, loaded: Any, role: str, engine: Any, max_sessions: int, idle_s: float,
+                 telemetry: Telemetry | None = None):
+        from specdec.engine import Engine
+
+        self.loaded = loaded
+        if telemetry is not None:
+            self.telemetry = telemetry
+        self.idle_s = idle_s  # a session that hears nothing this long is closed (0: never)
+        self.engine = Engine.configured(loaded.model, engine, role)
+        self.engine.on_step = lambda *step: self.telemetry.engine_step(*step)  # batch metrics
+        self.engine.on_wait = lambda ns: self.telemetry.engine_wait(ns)
+        self.engine.on_prefix = lambda hit, looked: self.telemetry.prefix_lookup(hit, looked)
+        self.runner = SessionWorkers(role, max_sessions or 256)
+        self.live = 0
+
+    async def close(self) -> None:
+        """Stop the session workers and the engine (after the server has drained)."""
+        self.runner.close()
+        self.engine.close()
+
+
 class Server:
-    """An aio gRPC server with the standard health service and server reflection."""
+    """An aio gRPC server with the standard health service, server reflection, load reports
+    (GetLoad), the session guard and the error interceptor (specdec/interceptor.py)."""
 
     def __init__(self, service_names: list[str], interceptors: list | tuple = (),
-                 label: str = "service", max_sessions: int = 0, store: Any = None):
+                 label: str = "service", max_sessions: int = 0, store: Any = None,
+                 statuses: dict[type[BaseException], Status] | None = None):
         # Counts and bounds the sessions (streaming calls) and refuses new ones while draining.
         self.guard = CallGuard(service_names, label, max_sessions)
-        # Innermost, ReadableRequests parses the request messages (specdec/readable.py).
-        self.grpc = grpc.aio.server(options=SERVER_OPTIONS,
-                                    interceptors=[*interceptors, self.guard, ReadableRequests()])
+        # Innermost, ErrorStatus reads the request messages and maps exceptions to statuses.
+        self.grpc = grpc.aio.server(
+            options=SERVER_OPTIONS,
+            interceptors=[*interceptors, self.guard, ErrorStatus(statuses)])
         self.health = health.aio.HealthServicer()
         self.service_names = service_names
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -94,16 +128,28 @@ class Server:
              reflection.SERVICE_NAME], self.grpc)
         self.port = 0
 
-    async def start(self, port: int, host: str = "[::]",
-                    credentials: grpc.ServerCredentials | None = None,
+    @classmethod
+    def serving(cls, servicer: Any, service: str, *, label: str, max_sessions: int,
+                statuses: dict[type[BaseException], Status], store: Any = None,
+                interceptors: list | tuple = ()) -> "Server":
+        """A server for ``servicer``, the implementation of pearl.v1 ``service`` (e.g.
+        "DraftService"); started with ``start``."""
+        from protos.v1 import pearl_pb2, pearl_pb2_grpc
+
+        server = cls([pearl_pb2.DESCRIPTOR.services_by_name[service].full_name], interceptors,
+                     label, max_sessions, store, statuses)
+        getattr(pearl_pb2_grpc, f"add_{service}Servicer_to_server")(servicer, server.grpc)
+        return server
+
+    async def start(self, port: int, host: str = "[::]", tls: ServerTLS | None = None,
                     warm_up: Callable[[], Any] | None = None) -> int:
         """Bind and serve. With ``warm_up`` (an engine's compiled-step warm-up), the port opens
         first with health NOT_SERVING and sessions refused (UNAVAILABLE), so that probes see a
         live process that is not ready; ``warm_up`` runs off the event loop, then SERVING."""
-        if credentials is None:
+        if tls is None:
             self.port = self.grpc.add_insecure_port(f"{host}:{port}")
-        else:  # TLS, or mutual TLS when the credentials require client certificates
-            self.port = self.grpc.add_secure_port(f"{host}:{port}", credentials)
+        else:  # TLS, or mutual TLS when the certificates require client certificates
+            self.port = self.grpc.add_secure_port(f"{host}:{port}", tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         await self.grpc.start()

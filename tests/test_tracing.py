@@ -29,12 +29,12 @@ from conftest import noisy_copy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator.tracing import NO_REQUEST_TRACE
 from coordinator.tracing import request_trace as open_request_trace
-from draft_service.drafter import Proposal
 from draft_service.tracing import NO_DRAFT_TRACE, DraftTrace, draft_trace
 from pearl.cli import main as pearl_main
 from pearl.client import Client
 from pearl.trace import figures, load_spans, pick_request
 from protos.v1 import pearl_pb2 as pb
+from specdec.answers import Proposal, StepTiming
 from specdec.models import tiny_loaded
 from specdec.stats import intersection
 from specdec.telemetry import JsonLinesSpanExporter, Telemetry, inject_context, span_to_dict
@@ -364,7 +364,8 @@ def test_draft_window_fates_from_the_control_messages():
                                       draft_until=13, trace_context=carrier))
 
     def prop(wid, pos, t):
-        d.proposal(Proposal(wid, pos, 0, forward_ns=10, started_unix_ns=t, input_tokens=1))
+        d.proposal(Proposal(wid, pos, 0, StepTiming(forward_ns=10, started_unix_ns=t,
+                                                    input_tokens=1)))
 
     for i, pos in enumerate((10, 11, 12)):
         prop(1, pos, 1000 + 100 * i)
