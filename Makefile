@@ -34,8 +34,8 @@ test: setup k8s-tools
 test-fast: setup k8s-tools
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# The soak under load and faults (pearl/soak.py): real services, 8 clients, the draft killed every
-# ~30 s and the target once; SOAK_S seconds of load (CI runs 75 s inside `make test`).
+# The soak under load and faults (benchmarks/soak.py): real services, 8 clients, the draft killed
+# every ~30 s and the target once; SOAK_S seconds of load (CI runs 75 s inside `make test`).
 SOAK_S ?= 600
 soak: setup
 	PEARL_SOAK_S=$(SOAK_S) $(PY) -m pytest -q -s -m soak tests/test_soak.py
@@ -75,18 +75,19 @@ deploy-local: setup k8s-tools image
 undeploy-local:
 	$(PY) scripts/deploy_local.py down
 
-# Benchmark ar/sd/pearl (services on loopback, one pinned core each) against transformers.
+# One request at a time: ar/sd/pearl (services on loopback, one pinned core each) against
+# transformers (benchmarks/latency.py).
 bench: setup
-	$(PEARL) bench
+	$(PEARL) bench latency
 
-# Many requests at once (issue 12): ar/sd/pearl/hidden-transfer through the services against
+# Many requests at once: ar/sd/pearl/hidden-transfer through the services against
 # transformers' left-padded batched generate and continuous batching, 1/2/4/8 clients, and a
 # 200-request mixed load for the RSS check; docs/data/bench-load.json, docs/bench-load.png.
 bench-load: setup
-	$(PEARL) bench --concurrency 1,2,4,8 --rss-check
+	$(PEARL) bench load --concurrency 1,2,4,8 --rss-check
 
 # Open-loop arrivals (Poisson) of a mixed workload: TTFT, TPOT, latency p50/p99 and goodput per
-# request rate; docs/data/bench-serve.json, docs/bench-serve.png (pearl/bench_serve.py).
+# request rate; docs/data/bench-serve.json, docs/bench-serve.png (benchmarks/serve.py).
 bench-serve: setup
 	$(PEARL) bench serve
 

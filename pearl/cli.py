@@ -105,7 +105,7 @@ def cmd_serve(a) -> None:
         from specdec.models import load_model
 
         # On a GPU the forward is launch-bound and more torch threads only spin: one thread
-        # unless told otherwise (a 7B step on an H100: 26 ms with 1 thread, 70 ms with 16).
+        # unless told otherwise (measured in docs/benchmarks-gpu.md).
         threads = int(a.threads) if a.threads else (1 if a.device == "cuda" else None)
         loaded = load_model(a.model or DEFAULT_MODELS[a.role], a.device, a.dtype, threads)
     from specdec.telemetry import Telemetry
@@ -117,27 +117,24 @@ def cmd_serve(a) -> None:
             from draft_service.replay import Replay
             from draft_service.server import serve
             replay = Replay(a.replay, a.replay_acceptance) if a.replay else None
-            server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a), replay=replay)
+            server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a), replay=replay,
+                                           telemetry=tel)
         elif a.role == "target":
             from target_service.server import serve
             server, servicer = await serve(loaded, port, a.host, **serve_kwargs(a),
                                            transfer=load_transfer(a.transfer, loaded.name),
-                                           tree_nodes=a.tree_nodes)
+                                           tree_nodes=a.tree_nodes, telemetry=tel)
         else:
             from coordinator.server import serve
             http_port = None if a.http_port is None else int(a.http_port)
             server, servicer = await serve(a.target, a.draft, port, a.host, a.gamma, a.gamma_max,
-                                           **serve_kwargs(a), http_port=http_port)
-        servicer.telemetry = tel
+                                           **serve_kwargs(a), http_port=http_port, telemetry=tel)
         if a.port_file:
             tmp = Path(a.port_file + ".tmp")
             tmp.write_text(str(server.port))
             tmp.replace(a.port_file)
         await server.serve_until_signal(a.grace)
-        if hasattr(servicer, "runner"):
-            servicer.runner.close()
-        if hasattr(servicer, "close"):
-            await servicer.close()
+        await servicer.close()
 
     asyncio.run(main())
     tel.shutdown()  # flush the last spans
@@ -287,21 +284,36 @@ def cmd_demo(a) -> None:
     sys.exit(demo(a))
 
 
+def add_bench(sub) -> None:
+    # every argument after `bench` is the benchmarks' own (benchmarks/cli.py: latency, load,
+    # serve), parsed there; prefix_chars that no argument starts with keep `--help` and the
+    # flags for that parser, which is imported only when `pearl bench` runs
+    p = sub.add_parser("bench", help="benchmarks: pearl bench {latency,load,serve} --help",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+
+
+def cmd_bench(a) -> None:
+    try:
+        from benchmarks.cli import main
+    except ModuleNotFoundError as e:
+        if e.name != "benchmarks":
+            raise
+        sys.exit("pearl bench: the benchmarks are not installed here (the server image leaves "
+                 "them out); run them from a checkout: pip install -e '.[bench]'")
+    main(a.args)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pearl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(required=True)
-    from pearl.bench import add_bench
     from pearl.trace import add_trace
     from pearl.transfer import add_transfer
 
     for add in (add_serve, add_generate, add_models, add_demo, add_bench, add_trace,
                 add_transfer):
         add(sub)
-    from pearl.bench_load import extend_bench
-    from pearl.bench_serve import add_bench_serve
-
-    extend_bench(sub.choices["bench"])  # --concurrency: the load bench (pearl/bench_load.py)
-    add_bench_serve(sub.choices["bench"])  # `bench serve`: the open-loop bench (bench_serve.py)
     a = parser.parse_args(argv)
     a.fn(a)
 

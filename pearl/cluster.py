@@ -1,4 +1,4 @@
-"""The three services in one process on loopback ports: for tests and `pearl bench --tiny`."""
+"""The three services in one process on loopback ports: for tests and the benches' --tiny runs."""
 
 import asyncio
 import threading

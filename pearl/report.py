@@ -49,7 +49,8 @@ def print_stats(stats: dict) -> None:
 
 
 # Columns of a comparison table: (heading, statistic, format). RATE_COLUMNS are the ones the
-# demo's table (TABLE, one row per mode) and the bench's (pearl/bench_report.py) share.
+# demo's table (TABLE, one row per mode) and the latency bench's (benchmarks/latency_report.py)
+# share.
 RATE_COLUMNS = [
     ("tokens/s", "tokens_per_s", "{:.2f}"), ("speedup", "speedup", "{:.2f}x"),
     ("acceptance", "acceptance_rate", "{:.3f}"),

@@ -9,7 +9,7 @@
 # Parts, each under its own `timeout`, in this order (PARTS="a b c d" picks; T_A..T_D seconds):
 #   a  CUDA equality tests (pytest -k cuda in tests/test_compiled.py tests/test_engine.py), if any
 #   b  step times, eager vs compiled engine, random 0.5B and 7B at 1/4/16 sessions, with the 7B's
-#      memory-bandwidth limit (scripts/step_times.py)      -> ar-step and draft/target goals
+#      memory-bandwidth limit (benchmarks/step_times.py)   -> ar-step and draft/target goals
 #   c  the one-request bench (ar, sd, pearl, ar-local-all), replay 0.8  -> pearl >= 2x ar, 1.3x sd
 #   d  the load bench at 1, 4, 16 concurrent (ar, sd, pearl), replay 0.8 -> pearl >= ar at 16
 # Everything lands under $OUT (default ./gpu-out): gpu_check.log (all output) and gpu-check.tgz
@@ -88,7 +88,7 @@ fi
 PARTS=${PARTS:-a b c d}
 export TMPDIR=$WORK/tmp  # the services' logs (pearl.procs) land in the packed folder
 
-IMPORTS="import pearl.cli, pearl.bench_load, specdec.engine, draft_service.server, target_service.server, coordinator.server"
+IMPORTS="import pearl.cli, benchmarks.load, specdec.engine, draft_service.server, target_service.server, coordinator.server"
 if ! $PY -c "$IMPORTS" 2>/dev/null; then
   say "the project does not import; pip install -e . --no-deps (no network: no build isolation)"
   $PY -m pip install -q --no-deps --no-build-isolation -e . || export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -126,12 +126,12 @@ cuda_tests() {
 export PY WORK T0
 export -f say cuda_tests
 part a "$T_A" bash -c cuda_tests
-part b "$T_B" $PY scripts/step_times.py --device "$DEV" --model "$DRAFT,$TARGET" \
+part b "$T_B" $PY -m benchmarks.step_times --device "$DEV" --model "$DRAFT,$TARGET" \
   --batches "$BATCHES" --steps "$STEPS" --rounds "$ROUNDS"
-part c "$T_C" $PY -m pearl.cli bench --device "$DEV" --draft-model "$DRAFT" --target-model "$TARGET" \
+part c "$T_C" $PY -m pearl.cli bench latency --device "$DEV" --draft-model "$DRAFT" --target-model "$TARGET" \
   --replay-acceptance 0.8 --contenders ar,sd,pearl,ar-local-all --set humaneval \
   --prompts "$PROMPTS" --max-new-tokens "$NEW" --out "$WORK/c-one-request"
-part d "$T_D" $PY -m pearl.cli bench --concurrency "$CONC" --requests-per-client "$PER_CLIENT" \
+part d "$T_D" $PY -m pearl.cli bench load --concurrency "$CONC" --requests-per-client "$PER_CLIENT" \
   --device "$DEV" --draft-model "$DRAFT" --target-model "$TARGET" --replay-acceptance 0.8 \
   --contenders ar,sd,pearl --max-new-tokens "$NEW" --out "$WORK/d-load" \
   --json "$WORK/d-load/bench-load.json" --chart "$WORK/d-load/bench-load.png"

@@ -1,4 +1,4 @@
-"""The in-process cluster the tests use lives in the package (pearl bench --tiny uses it too)."""
+"""The in-process cluster the tests use lives in the package (the benches' --tiny runs use it)."""
 
 from pearl.cluster import Cluster
 

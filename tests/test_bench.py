@@ -1,4 +1,5 @@
-"""`pearl bench`: the harness on tiny models (not a speed test), and the analytical ceiling."""
+"""`pearl bench latency`: the harness on tiny models (not a speed test), and the analytical
+ceiling."""
 
 import json
 import math
@@ -7,8 +8,9 @@ import sys
 
 import pytest
 
-from pearl.bench import CONTENDERS, SERVICE
-from pearl.ceiling import ceiling, expected_committed, sd_rate, with_prefill
+from benchmarks.ceiling import ceiling, expected_committed, sd_rate, with_prefill
+from benchmarks.latency_run import CONTENDERS
+from benchmarks.services import SERVICE
 
 FLAT = {m: 0.2 for m in range(1, 10)}
 
@@ -52,7 +54,7 @@ def test_ceiling_bounds_and_best_window():
 
 
 def test_service_times_pool_the_requests_and_fill_gaps():
-    from pearl.bench import service_times
+    from benchmarks.latency_report import service_times
 
     recs = [{"set": "s", "prompt": i, "prefill_s": 0.5 + i,
              "target_forward_times": {1: {"count": 2, "seconds": 0.4}, 4: {"count": 3,
@@ -78,7 +80,7 @@ def test_ceiling_with_prefill_by_hand():
 def test_margin_names_a_tie_only_within_two_ulps():
     import torch
 
-    from pearl.bench_local import Local
+    from benchmarks.local import Local
     from specdec.models import noisy_copy, tiny_loaded
 
     target = tiny_loaded(2)
@@ -99,7 +101,7 @@ def test_margin_names_a_tie_only_within_two_ulps():
 def test_bench_tiny_run(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "pearl.cli", "bench", "--tiny", "--prompts", "2",
+        [sys.executable, "-m", "pearl.cli", "bench", "latency", "--tiny", "--prompts", "2",
          "--max-new-tokens", "8", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -148,3 +150,33 @@ def test_bench_tiny_run(tmp_path):
                  "protocol overhead", "fraction of ceiling"):
         assert goals[name]["value"] > 0 and isinstance(goals[name]["met"], bool), name
     assert "speed goals" in proc.stdout
+
+
+def test_one_hardware_split_for_every_bench():
+    from benchmarks.hardware import ALL_CPUS, hardware_split
+    from benchmarks.latency_run import LOCAL
+
+    split = hardware_split(("hf-cb-1t", "hf-cb-all"), False, "cpu", "bfloat16", None)
+    last = ALL_CPUS[-1]
+    assert f"draft service: CPU {ALL_CPUS[0]}, target service: CPU {last}" in split
+    assert f"hf-cb-1t: CPU {last}, 1 thread; hf-cb-all: CPUs" in split and "bfloat16" in split
+    assert "hf-assisted-1t / ar-local-1t:" in hardware_split(LOCAL, False, "cpu", "bf16", None)
+    gpu = hardware_split(LOCAL, False, "cuda", "bfloat16", 0.8)
+    assert "sharing the one GPU" in gpu and "acceptance is CHOSEN" in gpu
+    assert hardware_split(LOCAL, True, "cpu", "float32", None).startswith("--tiny")
+
+
+def test_latency_divergences_in_the_shared_words():
+    from benchmarks.latency_report import divergences_text
+
+    tie = {"near_tie": True, "reference_id": 1, "other_id": 2, "reference_logit": 9.0,
+           "other_logit": 9.0, "margin": 0.0, "cached_margin": 0.0, "noise": 0.01, "ulp": 0.03}
+    records = [{"run": "pearl", "set": "prose", "prompt": 3, "first_difference": 5,
+                "divergence": tie},
+               {"run": "sd", "set": "prose", "prompt": 4, "first_difference": 2,
+                "divergence": {**tie, "near_tie": False, "margin": 3.0}}]
+    text = divergences_text(records)
+    assert "  pearl prose[3] new token 5: reference 1 logit 9.0000, this 2 logit" in text
+    assert "margin 0.0000 (cached step 0.0000), noise 0.0100, ulp 0.0300: near-tie" in text
+    assert "!!! 1 divergence(s) NOT a near-tie" in text and "!!! sd prose[4] new token 2" in text
+    assert divergences_text([]) == ""

@@ -1,4 +1,4 @@
-"""`pearl bench --concurrency`: the load bench's harness on tiny models (not a speed test), its
+"""`pearl bench load`: the load bench's harness on tiny models (not a speed test), its
 goal checks and the command's dispatch."""
 
 import json
@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from pearl.bench_load import (DEFAULTS, Margins, divergence_goal, divergence_text, goals,
-                              goals_text, kv_from_config, mark_divergences, mark_identical)
+from benchmarks.load import DEFAULTS
+from benchmarks.load_analysis import (Margins, divergence_goal, goals, kv_from_config,
+                                      mark_divergences, mark_identical)
+from benchmarks.load_report import divergences_text, goals_text
 
 GOAL_NAMES = ["pearl at 4 concurrent / pearl one at a time",
               "pearl at 8 concurrent / pearl one at a time",
@@ -22,7 +24,7 @@ GOAL_NAMES = ["pearl at 4 concurrent / pearl one at a time",
 def test_load_bench_tiny_run(tmp_path):
     out, png = tmp_path / "load.json", tmp_path / "load.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "pearl.cli", "bench", "--concurrency", "1,2", "--tiny",
+        [sys.executable, "-m", "pearl.cli", "bench", "load", "--concurrency", "1,2", "--tiny",
          "--contenders", "ar,pearl,hf-padded-1t", "--max-new-tokens", "6", "--rss-check",
          "--rss-requests", "24", "--json", str(out), "--chart", str(png)],
         capture_output=True, text=True, timeout=300)
@@ -99,7 +101,7 @@ def test_load_bench_http_contender(tmp_path):
     its records hold the text and the usage chunk's token count, no ids."""
     out = tmp_path / "load.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pearl.cli", "bench", "--concurrency", "1,2", "--tiny",
+        [sys.executable, "-m", "pearl.cli", "bench", "load", "--concurrency", "1,2", "--tiny",
          "--contenders", "ar,pearl,pearl-http", "--max-new-tokens", "6", "--json", str(out),
          "--chart", str(tmp_path / "load.png")],
         capture_output=True, text=True, timeout=300)
@@ -178,7 +180,7 @@ def test_load_bench_with_a_replaying_draft(tmp_path):
     ar's."""
     out, chosen = tmp_path / "load.json", 0.3
     proc = subprocess.run(
-        [sys.executable, "-m", "pearl.cli", "bench", "--concurrency", "1,2", "--tiny",
+        [sys.executable, "-m", "pearl.cli", "bench", "load", "--concurrency", "1,2", "--tiny",
          "--contenders", "ar,sd,pearl", "--max-new-tokens", "12", "--replay-acceptance",
          str(chosen), "--json", str(out), "--chart", str(tmp_path / "load.png"),
          "--out", str(tmp_path)],
@@ -241,20 +243,22 @@ def test_kv_bytes_from_config():
     assert kv_from_config(cfg, "float32") == 2 * 28 * 2 * 128 * 4
 
 
-def test_concurrency_sends_bench_to_the_load_bench(monkeypatch):
-    import pearl.bench
-    import pearl.bench_load
+def test_each_bench_takes_its_own_defaults(monkeypatch):
+    import benchmarks.latency
+    import benchmarks.load
     from pearl import cli
 
     seen = {}
-    monkeypatch.setattr(pearl.bench, "cmd_bench", lambda a: seen.setdefault("one", a))
-    monkeypatch.setattr(pearl.bench_load, "bench_load", lambda a: seen.setdefault("load", a) and 0)
-    cli.main(["bench", "--tiny"])
+    monkeypatch.setattr(benchmarks.latency, "run", lambda a: seen.setdefault("one", a) and 0)
+    monkeypatch.setattr(benchmarks.load, "run", lambda a: seen.setdefault("load", a) and 0)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "latency", "--tiny"])
+    assert e.value.code == 0
     one = seen["one"]
     assert one.max_new_tokens is not None and one.max_new_tokens != DEFAULTS["max_new_tokens"]
     assert "hf-padded-1t" not in one.contenders  # the one-request bench's own defaults
     with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--concurrency", "1,2", "--tiny"])
+        cli.main(["bench", "load", "--concurrency", "1,2", "--tiny"])
     assert e.value.code == 0
     assert seen["load"].max_new_tokens == DEFAULTS["max_new_tokens"]
     assert seen["load"].contenders == DEFAULTS["contenders"]
@@ -300,7 +304,7 @@ def test_divergences_weighed_with_the_target():
     short = records[4]["divergence"]  # a prefix of ar's tokens: nothing to weigh, not a tie
     assert short["position"] == 3 and short["near_tie"] is None
     assert all("divergence" not in r for r in records[:3] + records[5:])
-    text = divergence_text(records, summary)
+    text = divergences_text(records, summary)
     assert "hf-padded-1t x2 prompt 0 new token 2" in text and "!!! 2 divergence(s)" in text
     goal = divergence_goal(summary, "bfloat16")
     assert goal["goal"] == "bf16 divergences are near-ties" and goal["met"] is False
@@ -319,7 +323,7 @@ def test_divergences_weighed_with_the_target():
     summary = mark_divergences(records, "ar", {0: prompt}, tie)
     assert calls == [(prompt, greedy[:2], greedy[2], worst)]
     assert summary["divergences"] == summary["near_ties"] == 1
-    assert "!!!" not in divergence_text(records, summary)
+    assert "!!!" not in divergences_text(records, summary)
     assert divergence_goal(summary, "bfloat16")["met"] is True
     assert divergence_goal({"reference": None, "compared": 0, "divergences": 0,
                             "near_ties": 0}, "bfloat16")["met"] is None

@@ -10,11 +10,10 @@ import time
 
 import pytest
 
-from pearl.bench_serve import CONTENDERS, conversation, open_loop, parse
-from pearl.bench_serve_report import Turn, markdown, met, record, summarize
-from pearl.bench_workload import (DEFAULT_MIX, KINDS, Arrival, arrival_times, first_turn,
-                                  function_names, parse_mix, second_turn, system_prompt,
-                                  workload)
+from benchmarks.serve import CONTENDERS, conversation, open_loop, parse
+from benchmarks.serve_report import Turn, markdown, met, record, summarize
+from benchmarks.workload import (DEFAULT_MIX, KINDS, Arrival, arrival_times, first_turn,
+                                 function_names, parse_mix, second_turn, system_prompt, workload)
 
 PROMPTS = [{"index": i, "text": f"def f{i}(x):\n    \"\"\"Problem {i}.\"\"\"\n", "ids": [i, 1, 2]}
            for i in range(10)]
@@ -205,17 +204,16 @@ def test_bench_serve_help():
         assert flag in proc.stdout
 
 
-def test_serve_and_concurrency_dispatch(monkeypatch):
-    import pearl.bench
-    import pearl.bench_load
-    import pearl.bench_serve
+def test_bench_subcommands_dispatch(monkeypatch):
+    import benchmarks.latency
+    import benchmarks.load
+    import benchmarks.serve
     from pearl import cli
 
     seen = {}
-    monkeypatch.setattr(pearl.bench_serve, "bench_serve", lambda a: seen.setdefault("serve", a)
-                        and 0)
-    monkeypatch.setattr(pearl.bench_load, "bench_load", lambda a: seen.setdefault("load", a) and 0)
-    monkeypatch.setattr(pearl.bench, "cmd_bench", lambda a: seen.setdefault("one", a))
+    monkeypatch.setattr(benchmarks.serve, "run", lambda a: seen.setdefault("serve", a) and 0)
+    monkeypatch.setattr(benchmarks.load, "run", lambda a: seen.setdefault("load", a) and 0)
+    monkeypatch.setattr(benchmarks.latency, "run", lambda a: seen.setdefault("one", a) and 0)
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "serve", "--request-rate", "2,0.5", "--num-requests", "3",
                   "--contenders", "ar,hf-cb-all", "--max-new-tokens", "8"])
@@ -224,9 +222,10 @@ def test_serve_and_concurrency_dispatch(monkeypatch):
     assert (a.request_rate, a.num_requests, a.max_new_tokens) == ("2,0.5", 3, 8)
     assert parse(a) == (["ar", "hf-cb-all"], [0.5, 2.0], parse_mix(DEFAULT_MIX))
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--concurrency", "1,2", "--tiny"])
+        cli.main(["bench", "load", "--concurrency", "1,2", "--tiny"])
     assert seen["load"].concurrency == "1,2" and seen["load"].max_new_tokens == 48
-    cli.main(["bench", "--tiny"])
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "latency", "--tiny"])
     assert seen["one"].tiny and not getattr(seen["one"], "bench_kind", None)
     for flags in (["--contenders", "ar,vllm"], ["--request-rate", "0"],
                   ["--request-rate", "fast"], ["--num-requests", "0"]):

@@ -1,11 +1,11 @@
 """The `pearl` command stays light: building its parser (every subcommand and flag, as
-`pearl --help` does) loads neither torch nor transformers; the defaults come from
-specdec/defaults.py, which imports nothing."""
+`pearl --help` does) loads neither torch nor transformers, nor the benchmarks (imported only when
+`pearl bench` runs); the defaults come from specdec/defaults.py, which imports nothing."""
 
 import subprocess
 import sys
 
-HEAVY = ("torch", "transformers", "matplotlib")
+HEAVY = ("torch", "transformers", "matplotlib", "benchmarks")
 
 PROBE = f"""
 import sys
@@ -42,3 +42,13 @@ def test_serve_flags_take_their_defaults_from_the_core(monkeypatch):
     assert seen["tree_nodes"] == defaults.DEFAULT_TREE_NODES
     assert seen["draft_timeout"] == defaults.DEFAULT_DRAFT_TIMEOUT_S
     assert seen["max_sessions"] == defaults.DEFAULT_MAX_SESSIONS
+
+
+def test_bench_help_reaches_the_benchmarks_without_models():
+    """`pearl bench SUBCOMMAND --help` is the benchmarks' own parser, still without torch."""
+    probe = PROBE.replace('["--help"]', '["bench", "load", "--help"]')
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: pearl bench load" in proc.stdout and "--concurrency" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "loaded: benchmarks", proc.stdout[-500:]

@@ -1,4 +1,4 @@
-"""The soak (pearl/soak.py) in its short form: real service processes, 8 clients of mixed modes
+"""The soak (benchmarks/soak.py) in its short form: real service processes, 8 clients of mixed modes
 and sampling, cancellations and deadlines, the draft killed and restarted, the target once.
 
 `pytest -m soak` runs it; PEARL_SOAK_S sets the load's duration (default 75 s here; the
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pearl.soak import soak
+from benchmarks.soak import soak
 
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
 

@@ -7,7 +7,7 @@
 2. Second turn: conversations whose history (system prompt, question, the first answer) grows;
    the time to first token of the second turn with the cache on and off.
 
-    .venv/bin/python scripts/bench_prefix_cache.py --json docs/data/bench-prefix-cache.json
+    .venv/bin/python -m benchmarks.prefix_cache --json docs/data/bench-prefix-cache.json
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pearl.client import Client, Result  # noqa: E402
-from pearl.demo import humaneval_prompt  # noqa: E402
-from pearl.procs import running  # noqa: E402
-from specdec.defaults import DEFAULT_MODELS  # noqa: E402
+from benchmarks.divergence import first_difference, margin
+from benchmarks.services import start_coordinator, start_pair
+from pearl.client import Client, Result
+from pearl.demo import humaneval_prompt
+from pearl.procs import running
+from specdec.defaults import DEFAULT_MODELS
 
 QUESTIONS = ["Which of these functions is the shortest?", "Name one function that sorts.",
              "Which function uses recursion?", "Which one returns a string?",
@@ -86,18 +86,10 @@ def second_turn(address: str, chars: int, mode: str, m: int) -> dict:
 
 
 def stack(svcs, cache: str, a) -> str:
-    """Draft (first core), target (last core), as the load bench starts them, and a coordinator;
+    """Draft (first core), target (last core), as every bench starts them, and a coordinator;
     the coordinator's address."""
-    from argparse import Namespace
-
-    from pearl.bench_load import start_services
-
-    start_services(svcs, Namespace(device="cpu", dtype=a.dtype, draft_model=a.draft_model,
-                                   target_model=a.target_model,
-                                   serve_args=f"--prefix-cache {cache}"), [])
-    draft, target = svcs.wait("draft"), svcs.wait("target")
-    svcs.start("coordinator", ["--target", target, "--draft", draft])
-    return svcs.wait("coordinator")
+    start_pair(svcs, a.draft_model, a.target_model, "cpu", a.dtype, ["--prefix-cache", cache])
+    return start_coordinator(svcs, svcs.wait("draft"), svcs.wait("target"))
 
 
 def ready(address: str, within_s: float = 120) -> None:
@@ -116,7 +108,8 @@ def ready(address: str, within_s: float = 120) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.prefix_cache",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--draft-model", default=DEFAULT_MODELS["draft"])
     p.add_argument("--target-model", default=DEFAULT_MODELS["target"])
     p.add_argument("--dtype", default="bfloat16")
@@ -147,9 +140,8 @@ def main() -> None:
 
 def weigh(out: dict, a) -> None:
     """Where the cache's tokens differ from the uncached run's (bf16: another order of the same
-    arithmetic), the target's logit margin at the first difference (pearl.bench_local.margin):
+    arithmetic), the target's logit margin at the first difference (benchmarks/divergence.py):
     a near-tie of the dtype, or not."""
-    from pearl.bench_local import margin
     from specdec.models import load_model
 
     system = system_prompt(a.system_chars)
@@ -157,9 +149,8 @@ def weigh(out: dict, a) -> None:
         QUESTIONS, out["shared"]["on"]["requests"], out["shared"]["off"]["requests"])]
     target = None
     for messages, on, off in pairs:
-        d = next((i for i, (p, q) in enumerate(zip(on["token_ids"], off["token_ids"]))
-                  if p != q), None)
-        if d is None:
+        d = first_difference(on["token_ids"], off["token_ids"])
+        if d is None or d >= min(len(on["token_ids"]), len(off["token_ids"])):
             continue
         if target is None:
             target = load_model(a.target_model, "cpu", a.dtype)

@@ -1,5 +1,7 @@
-"""`pearl bench`: ar, sd and pearl through the real services against transformers' own greedy and
-assisted generation, interleaved prompt by prompt on the same models, dtype and prompts.
+"""`pearl bench latency`: one request at a time through the services, against transformers.
+
+ar, sd and pearl through the real services against transformers' own greedy and assisted
+generation, interleaved prompt by prompt on the same models, dtype and prompts.
 
 Hardware split (models distinct nodes on one machine): the draft service is pinned to the first
 CPU, the target service to the last, one torch thread each; the coordinator is unpinned. The
@@ -7,13 +9,13 @@ in-process contenders (`hf-assisted-*`, `ar-local-*`) run in this process: `-1t`
 pinned to one core (both models of hf-assisted share it), `-all` with every core and as many
 threads. With `--tiny` the three services run in this process too (no pinning; for CI only).
 
-Output: a Markdown table, the protocol overhead, the analytical ceiling (pearl/ceiling.py),
+Output: a Markdown table, the protocol overhead, the analytical ceiling (benchmarks/ceiling.py),
 `results.json` (every per-prompt record and the aggregates) and `chart.png` in `--out`.
 
-This module is the command: its flags, the order of the steps and results.json. Running is in
-pearl/bench_run.py (contenders, prompts, services, the interleaved runs, the checks that need the
-models), reporting in pearl/bench_report.py (aggregates, table, overhead, ceiling, goals, sweep,
-chart), the in-process contenders in pearl/bench_local.py.
+This module is the order of the steps and results.json (the flags are in benchmarks/cli.py).
+Running is in benchmarks/latency_run.py (contenders, services, the interleaved runs, the checks
+that need the models), reporting in benchmarks/latency_report.py (aggregates, table, overhead,
+ceiling, goals, sweep, chart), the in-process contenders in benchmarks/local.py.
 """
 
 from __future__ import annotations
@@ -23,78 +25,32 @@ import sys
 import time
 from pathlib import Path
 
-from pearl import bench_report as report
-from pearl.bench_report import pct, service_times  # noqa: F401 (public: tests, bench_load)
-from pearl.bench_run import (  # noqa: F401 (LOCAL, load_prompts, rss_mb, untrained: public)
-    CONTENDERS,
-    LOCAL,
-    SERVICE,
-    SWEEP,
+from benchmarks import latency_report as report
+from benchmarks.hardware import gpu_name
+from benchmarks.latency_run import (
     Measured,
     Setup,
     agreement,
     compare,
-    gpu_name,
-    load_prompts,
     measure,
     reference_run,
-    rss_mb,
     setup,
-    untrained,
-)
-from specdec.defaults import (
-    DEFAULT_DTYPE,
-    DEFAULT_MODELS,
-    DEFAULT_NEW_TOKENS,
-    DEFAULT_PAIR_GAMMA,
-    DTYPES,
 )
 
 
-def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark ar/sd/pearl against transformers' generation")
-    p.add_argument("--draft-model", default=DEFAULT_MODELS["draft"])
-    p.add_argument("--target-model", default=DEFAULT_MODELS["target"])
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES)
-    p.add_argument("--prompts", type=int, default=8, help="prompts per set")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
-    p.add_argument("--set", default="both", choices=["humaneval", "prose", "both"])
-    p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help=f"comma list of {','.join(CONTENDERS)}")
-    p.add_argument("--gamma", type=int, default=DEFAULT_PAIR_GAMMA,
-                   help="sd's fixed window; also hf-assisted's fixed window")
-    p.add_argument("--sweep", action="store_true",
-                   help=f"also sd and pearl with fixed gamma {SWEEP[0]}..{SWEEP[-1]} (pearl "
-                        "adaptive is `pearl`)")
-    p.add_argument("--out", default="bench-out", help="folder for results.json and chart.png")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny random models built in code, services in this process (CI)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: every service and the in-process contenders on the one GPU "
-                        "(the -1t contenders are CPU-only and skipped)")
-    p.add_argument("--replay-acceptance", type=float, default=None,
-                   help="benchmarking draft (models with random weights, e.g. random:qwen2.5-7b):"
-                        " the draft proposes the target's own greedy token with this probability "
-                        "(draft_service/replay.py); times the schedule, not a real pair")
-    p.set_defaults(fn=cmd_bench)
-
-
-def cmd_bench(a) -> None:
-    sys.exit(bench(a))
-
-
-def bench(a) -> int:
+def run(a) -> int:
+    """The latency bench of the parsed flags ``a``; the exit status."""
     import matplotlib
 
     matplotlib.use("Agg")
     try:
         s = setup(a)
     except ValueError as e:
-        print(f"pearl bench: {e}", file=sys.stderr)
+        print(f"pearl bench latency: {e}", file=sys.stderr)
         return 2
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"pearl bench: draft {s.draft_name}, target {s.target_name}, {s.dtype}, "
+    print(f"pearl bench latency: draft {s.draft_name}, target {s.target_name}, {s.dtype}, "
           f"{len(s.cpus)} CPUs{', ' + gpu_name() if s.gpu else ''}, greedy\n"
           f"hardware split: {s.split}", flush=True)
     m = measure(a, s, out_dir)
@@ -128,7 +84,7 @@ def analyse(a, s: Setup, m: Measured, ref_run: str | None, alphas: dict[str, flo
     print(report.overhead_text(by_run))
     print(report.assisted_text(by_run, m.records, a.gamma))
     print(ceil["text"])
-    print(report.divergence_text(m.records))
+    print(report.divergences_text(m.records))
     print(goals["text"])
     if sweep:
         print(report.sweep_text(sweep))

@@ -1,9 +1,9 @@
 """Eager vs compiled engine steps: the decode-step time of each model at 1..N sessions, the two
-engines side by side in one process, interleaved (issue 16's step-time goals).
+engines side by side in one process, interleaved (the compiled engine's step-time goals).
 
-    .venv/bin/python scripts/step_times.py --device cpu --model qwen2.5-coder-0.5b-instruct \
+    .venv/bin/python -m benchmarks.step_times --device cpu --model qwen2.5-coder-0.5b-instruct \
         --batches 1,8
-    python3 scripts/step_times.py --device cuda --model random:qwen2.5-0.5b,random:qwen2.5-7b \
+    python3 -m benchmarks.step_times --device cuda --model random:qwen2.5-0.5b,random:qwen2.5-7b \
         --batches 1,4,16
 
 A step is one engine step of ``sessions`` decode rows (64-token prompts, one new token each);
@@ -157,11 +157,12 @@ def ratios(results: list[dict]) -> str:
     parts = [f"{b} sessions {step(draft, b) / step(target, b):.2f}"
              for b in draft["rows"] if b in target["rows"]]
     return (f"compiled draft step / compiled target step ({draft['name']} / {target['name']}; "
-            f"issue 16 goal <= 0.20): " + ", ".join(parts))
+            f"goal <= 0.20): " + ", ".join(parts))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.step_times",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                     help="a model name (registry, folder, random:<shape>) or a comma list: the "
                          "first is the draft, the last the target")
@@ -191,7 +192,7 @@ def main() -> None:
     print(table(results, a))
     if a.device == "cuda":
         print(f"\nbandwidth limit = weight bytes / {a.bandwidth_gbs:g} GB/s (KV reads not "
-              "counted); limit / compiled step >= 0.50 is issue 16's goal for the target")
+              "counted); limit / compiled step >= 0.50 is the goal for the target")
     if len(results) > 1:
         print("\n" + ratios(results))
 

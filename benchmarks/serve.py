@@ -1,10 +1,10 @@
-"""`pearl bench serve`: an open-loop serving benchmark (issue 29).
+"""`pearl bench serve`: an open-loop serving benchmark.
 
 Requests arrive as a Poisson process at each ``--request-rate`` (requests/s), and each is sent at
 its arrival time whether or not earlier ones have finished (open loop, unlike the closed loop of
-`pearl bench --concurrency`, pearl/bench_load.py). The workload mixes HumanEval completions,
+`pearl bench load`, benchmarks/load.py). The workload mixes HumanEval completions,
 chats sharing one long system prompt, and two-turn conversations whose turn 2 arrives when turn 1
-ends (pearl/bench_workload.py); the same seed gives the same requests at every rate and for every
+ends (benchmarks/workload.py); the same seed gives the same requests at every rate and for every
 contender. Every request is streamed, so its first token is observed. Each phase tags its prompts
 so that none finds an earlier phase's in the services' prefix cache: every phase starts cold.
 
@@ -17,7 +17,7 @@ once, in an order rotated from one rate to the next, after one warm-up request o
 
 Per contender and rate: TTFT, TPOT and end-to-end latency (p50 and p99), throughput (new tok/s,
 completed requests/s) and goodput (requests/s meeting both ``--ttft-slo-s`` and ``--tpot-slo-s``);
-definitions in pearl/bench_serve_report.py. Output: a printed table, a Markdown table for the
+definitions in benchmarks/serve_report.py. Output: a printed table, a Markdown table for the
 README, ``--json`` (every request's record, with the services' ``cached_prompt_tokens``) and
 ``--chart`` (TTFT p50, TPOT p50 and goodput against the request rate).
 """
@@ -35,13 +35,15 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from pearl import bench_serve_report as report
-from pearl.bench_load import SERVICE, CBResults, set_up
-from pearl.bench_serve_report import Turn, record
-from pearl.bench_workload import (DEFAULT_MIX, arrival_times, first_turn, function_names,
-                                  parse_mix, second_turn, system_prompt, workload)
-from specdec.defaults import (DEFAULT_DTYPE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODELS,
-                              DEFAULT_PAIR_GAMMA, DTYPES)
+from benchmarks import serve_report as report
+from benchmarks.hardware import hardware_split
+from benchmarks.hf import CBResults
+from benchmarks.load import set_up
+from benchmarks.serve_report import Turn, record
+from benchmarks.services import SERVICE
+from benchmarks.workload import (arrival_times, first_turn, function_names, parse_mix,
+                                 second_turn, system_prompt, workload)
+from specdec.defaults import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MODELS
 
 CB = ("hf-cb-1t", "hf-cb-all")
 CONTENDERS = SERVICE + CB
@@ -56,47 +58,7 @@ DEFAULT_RATES, DEFAULT_REQUESTS = "0.1,0.2,0.4", 20
 DEFAULT_TTFT_SLO_S, DEFAULT_TPOT_SLO_S = 10.0, 0.6
 DEFAULT_JSON, DEFAULT_CHART = "docs/data/bench-serve.json", "docs/bench-serve.png"
 CB_SLOTS = 16  # most requests in transformers' running batch (hf-cb); more wait in its queue
-
-
-def add_bench_serve(bench: argparse.ArgumentParser) -> None:
-    """`pearl bench serve ...`: a subcommand of `pearl bench` (which keeps its own flags)."""
-    sub = bench.add_subparsers(dest="bench_kind", metavar="{serve}", required=False)
-    p = sub.add_parser("serve", help="open-loop serving bench: Poisson arrivals, mixed workload",
-                       description=__doc__.splitlines()[0])
-    p.add_argument("--request-rate", default=DEFAULT_RATES,
-                   help=f"comma list of arrival rates, requests/s (default {DEFAULT_RATES})")
-    n = p.add_mutually_exclusive_group()
-    n.add_argument("--num-requests", type=int, default=None,
-                   help=f"arrivals per rate (default {DEFAULT_REQUESTS}; a two-turn "
-                        "conversation is one arrival)")
-    n.add_argument("--duration-s", type=float, default=None,
-                   help="per rate: every arrival within this many seconds, instead")
-    p.add_argument("--seed", type=int, default=0, help="arrival times and the workload")
-    p.add_argument("--mix", default=DEFAULT_MIX, help=f"request kinds' weights ({DEFAULT_MIX})")
-    p.add_argument("--system-tokens", type=int, default=1000,
-                   help="length of the shared system prompt, tokens")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help=f"comma list of {','.join(CONTENDERS)}")
-    p.add_argument("--ttft-slo-s", type=float, default=DEFAULT_TTFT_SLO_S,
-                   help=f"goodput: most seconds to the first token (default {DEFAULT_TTFT_SLO_S})")
-    p.add_argument("--tpot-slo-s", type=float, default=DEFAULT_TPOT_SLO_S,
-                   help=f"goodput: most seconds per later token (default {DEFAULT_TPOT_SLO_S})")
-    p.add_argument("--json", default=DEFAULT_JSON, help="results JSON path")
-    p.add_argument("--chart", default=DEFAULT_CHART, help="chart PNG path")
-    p.add_argument("--draft-model", default=DEFAULT_MODELS["draft"])
-    p.add_argument("--target-model", default=DEFAULT_MODELS["target"])
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--gamma", type=int, default=DEFAULT_PAIR_GAMMA, help="sd's window")
-    p.add_argument("--serve-args", default="",
-                   help="extra `pearl serve` flags for the draft and target services")
-    p.set_defaults(fn=cmd_bench_serve)
-
-
-def cmd_bench_serve(a) -> None:
-    sys.exit(bench_serve(a))
+NEW_TOKENS = 48  # per request
 
 
 def parse(a) -> tuple[list[str], list[float], dict[str, float]]:
@@ -226,7 +188,7 @@ class Bench:
         self.phases = 0  # phases run so far, warm-ups included: the next phase's tag
 
     def phase(self, name: str, rate: float, arrivals: list, m: int) -> list[dict]:
-        """One phase; its prompts tagged with its number (pearl/bench_workload.py)."""
+        """One phase; its prompts tagged with its number (benchmarks/workload.py)."""
         self.phases += 1
         run = partial(conversation, name, rate, system=self.system, prompts=self.prompts,
                       tag=f"{self.phases:03d}")
@@ -307,7 +269,7 @@ def load_args(a) -> argparse.Namespace:
 
 def prepare(rig, a) -> Bench:
     """The HumanEval prompts (all 164) and the shared system prompt, in the target's tokens."""
-    from pearl.bench import load_prompts
+    from benchmarks.prompts import load_prompts
 
     tok = rig.target.tokenizer
     prompts = load_prompts("humaneval", 164, tok, False)
@@ -337,8 +299,8 @@ def command_line(a) -> str:
     return " ".join(parts)
 
 
-def bench_serve(a) -> int:
-    from pearl.bench_load import hardware_split
+def run(a) -> int:
+    """The serve bench of the parsed flags ``a``; the exit status."""
     from pearl.procs import running
 
     try:
@@ -347,7 +309,7 @@ def bench_serve(a) -> int:
         print(f"pearl bench serve: {e}", file=sys.stderr)
         return 2
     la, command, t_start = load_args(a), command_line(a), time.monotonic()
-    split = hardware_split(la, a.dtype).replace("hf-*-", "hf-cb-")
+    split = hardware_split(CB, False, a.device, a.dtype, None)
     print(f"pearl bench serve: {command}\nhardware split: {split}", flush=True)
     with running() as svcs:
         rig = set_up(la, svcs, contenders, [], a.dtype)

@@ -1,16 +1,19 @@
-"""Reporting `pearl bench`: aggregates of the records pearl/bench_run.py produced, the table, the
-protocol overhead, the hf-assisted settings, the analytical ceiling (pearl/ceiling.py), the
-divergences, the speed goals, the gamma sweep and the chart. Pure functions of the records; each
-report returns its text (and, where results.json keeps it, its data).
+"""Reporting `pearl bench latency`: aggregates of the records benchmarks/latency_run.py produced,
+the table, the protocol overhead, the hf-assisted settings, the analytical ceiling
+(benchmarks/ceiling.py), the divergences, the speed goals, the gamma sweep and the chart. Pure
+functions of the records; each report returns its text (and, where results.json keeps it, its
+data).
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 
-from pearl.bench_run import BASELINE, SERVICE, SWEEP
+from benchmarks.divergence import NEAR_TIE, divergence_text
+from benchmarks.latency_run import BASELINE, SWEEP
+from benchmarks.services import SERVICE
+from benchmarks.stats import pct
 from pearl.report import RATE_COLUMNS, table
 
 DEFINITIONS = {
@@ -31,15 +34,6 @@ DEFINITIONS = {
 }
 
 # -- aggregates -----------------------------------------------------------------------------------
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def aggregate(recs: list[dict]) -> dict:
@@ -153,24 +147,14 @@ def assisted_text(by_run: dict, records: list[dict], window: int) -> str:
             "and when a window is cut by max_new_tokens):\n" + "\n".join(lines))
 
 
-def divergence_text(records: list[dict]) -> str:
+def divergences_text(records: list[dict]) -> str:
     """Where greedy outputs differ from the reference, and the target's logit margin there."""
-    rows = [r for r in records if r.get("divergence")]
-    if not rows:
+    found = [(f"{r['run']} {r['set']}[{r['prompt']}] new token {r['first_difference']}",
+              r["divergence"]) for r in records if r.get("divergence")]
+    if not found:
         return ""
-    lines = ["\ngreedy outputs that differ from the reference (the target's logits at the first "
-             "differing position, recomputed in this process over the common prefix; noise = "
-             "the largest logit difference between a full pass and a KV-cached step there; a "
-             "margin within twice the noise is a near-tie of the dtype):"]
-    for r in rows:
-        v = r["divergence"]
-        lines.append(f"  {r['run']:22s} {r['set']}[{r['prompt']}] new token "
-                     f"{r['first_difference']}: reference {v['reference_id']} logit "
-                     f"{v['reference_logit']:.4f}, this run "
-                     f"{v['other_id']} logit {v['other_logit']:.4f}, margin {v['margin']:.4f} "
-                     f"(cached step {v['cached_margin']:.4f}, noise {v['noise']:.4f}, ulp "
-                     f"{v['ulp']:.4f}): {'near-tie' if v['near_tie'] else 'NOT a tie'}")
-    return "\n".join(lines)
+    return divergence_text(f"\ngreedy outputs that differ from the reference ({NEAR_TIE}):",
+                           found, "reference")
 
 
 # -- the analytical ceiling -----------------------------------------------------------------------
@@ -224,7 +208,7 @@ def forward_times_text(timing: dict, inputs: dict) -> list[str]:
 
 def model_rate(run: str, t: dict | None, recs: list[dict], alpha: float, gamma: int):
     """The model of ar or sd on its own requests' forward times, after their prefills."""
-    from pearl.ceiling import ar_rate, sd_rate, with_prefill
+    from benchmarks.ceiling import ar_rate, sd_rate, with_prefill
 
     if not recs or not t:
         return None
@@ -242,7 +226,7 @@ def set_ceiling(name: str, alpha: float, timing: dict, records: list[dict], gamm
                 pearl: dict | None) -> tuple[dict, str]:
     """The ceiling of one prompt set ("all": every prompt), the models of ar and sd beside it,
     and pearl's measured rate (``pearl``: its aggregate on that set) as a fraction of it."""
-    from pearl.ceiling import best_gamma, ceiling, with_prefill
+    from benchmarks.ceiling import best_gamma, ceiling, with_prefill
 
     td, tf = timing["pearl"]["t_draft"], timing["pearl"]["t_forward"]
     of = lambda run: [r for r in records if r["run"] == run and name in ("all", r["set"])]  # noqa
@@ -273,11 +257,12 @@ def set_ceiling(name: str, alpha: float, timing: dict, records: list[dict], gamm
 
 def ceiling_report(timing: dict, alphas: dict[str, float], by_run: dict, by_set: dict,
                    records: list[dict], gamma: int) -> dict:
-    """The analytical ceiling of the pearl schedule per prompt set and overall (pearl/ceiling.py)
-    from the forward times the services measured during the pearl requests themselves (the
-    same contention, the same moment), after those requests' own prefill; beside the models of
-    ar and sd on their own requests' times, and pearl's measured rate."""
-    from pearl.ceiling import ceiling
+    """The analytical ceiling of the pearl schedule per prompt set and overall
+    (benchmarks/ceiling.py) from the forward times the services measured during the pearl
+    requests themselves (the same contention, the same moment), after those requests' own
+    prefill; beside the models of ar and sd on their own requests' times, and pearl's measured
+    rate."""
+    from benchmarks.ceiling import ceiling
 
     data: dict = {"alpha": alphas.get("all"), "by_set": {}, "inputs": {}}
     lines = forward_times_text(timing, data["inputs"])
@@ -286,8 +271,8 @@ def ceiling_report(timing: dict, alphas: dict[str, float], by_run: dict, by_set:
         return {"text": "\n".join(lines + ["  (no reference tokens or pearl runs: no ceiling)"]),
                 "data": data}
     lines.append("  ceiling = the pearl schedule with perfect overlap and no overhead on pearl's "
-                 "own forward times, after its own prefills (pearl/ceiling.py); models of ar and "
-                 f"sd (g={gamma}) likewise on theirs")
+                 "own forward times, after its own prefills (benchmarks/ceiling.py); models of ar "
+                 f"and sd (g={gamma}) likewise on theirs")
     for name in [k for k in by_set if k in alphas] + ["all"]:
         pearl = by_run.get("pearl") if name == "all" else by_set[name].get("pearl")
         data["by_set"][name], text = set_ceiling(name, alphas[name], timing, records, gamma,

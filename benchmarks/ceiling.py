@@ -1,6 +1,7 @@
 """The analytical ceiling of the PEARL schedule, and the sequential baselines, on given timings.
 
-Pure functions of measured figures; no model code here (`pearl bench` measures the inputs).
+Pure functions of measured figures; no model code here (`pearl bench latency` measures the
+inputs).
 
 Inputs
 ------

@@ -1,4 +1,4 @@
-"""The open-loop serving bench's figures (`pearl bench serve`, pearl/bench_serve.py): one record
+"""The open-loop serving bench's figures (`pearl bench serve`, benchmarks/serve.py): one record
 per request, each phase's (contender x request rate) latencies, throughput and goodput, the
 tables and the chart.
 
@@ -18,8 +18,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pearl.bench_load import DRAFTING, ms
-from pearl.bench_report import pct
+from benchmarks.load_analysis import DRAFTING
+from benchmarks.stats import ms, pct
 
 SERVICE_STATS = ("acceptance_rate", "mean_target_batch", "queue_wait_s", "prefill_s",
                  "finish_reason", "fell_back", "prompt_tokens")

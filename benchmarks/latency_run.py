@@ -1,41 +1,31 @@
-"""Running `pearl bench`: the contenders, the prompts, the services and the interleaved runs, and
-the checks that need the models (identical tokens, logit margins, the draft's agreement).
+"""Running `pearl bench latency`: the contenders, the services and the interleaved runs, and the
+checks that need the models (identical tokens, logit margins, the draft's agreement).
 
 Every contender runs each prompt in turn, the order rotated prompt by prompt so that none always
 goes first; the service contenders go through a coordinator (real processes, or in this process
-with `--tiny`), the local ones through pearl/bench_local.py. The results are plain records (one
-dict per prompt and run) that pearl/bench_report.py aggregates and reports.
+with `--tiny`), the local ones through benchmarks/local.py. The results are plain records (one
+dict per prompt and run) that benchmarks/latency_report.py aggregates and reports.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.divergence import first_difference
+from benchmarks.hardware import ALL_CPUS, hardware_split, peak_rss_mb, rss_mb
+from benchmarks.prompts import load_prompts
+from benchmarks.replay import replay_args, write_references
+from benchmarks.services import SERVICE, start_coordinator, start_pair
 from specdec.defaults import DEFAULT_GAMMA_MAX
 
-SERVICE = ("ar", "sd", "pearl", "hidden-transfer")
 LOCAL = ("hf-assisted-1t", "hf-assisted-all", "ar-local-1t", "ar-local-all")
 CONTENDERS = SERVICE + LOCAL
 BASELINE = "ar-local-1t"
 SWEEP = range(1, DEFAULT_GAMMA_MAX + 1)
-
-PROSE = [
-    "The history of the printing press begins in the fifteenth century, when",
-    "Rivers shape the land in slow and patient ways. Over thousands of years",
-    "Dear neighbours, we are writing to let you know that the community garden",
-    "The old lighthouse keeper climbed the stairs every evening, and on the night",
-    "Sleep is one of the most important things a person can do for their health, because",
-    "In the small town where I grew up, the bakery on the corner was",
-    "Photosynthesis is the process by which plants turn sunlight into energy. It",
-    "The meeting had been going on for three hours when someone finally asked",
-    "Travelling by train across Europe offers a different view of the continent:",
-    "Bees communicate with each other through a remarkable dance that",
-]
 
 
 # -- what runs ------------------------------------------------------------------------------------
@@ -43,7 +33,7 @@ PROSE = [
 
 @dataclass
 class Setup:
-    """What one `pearl bench` invocation runs, and on which hardware split."""
+    """What one `pearl bench latency` invocation runs, and on which hardware split."""
 
     contenders: list[str]
     runs: list[tuple[str, str]]  # (contender, run): see expand()
@@ -62,8 +52,6 @@ class Setup:
 def setup(a) -> Setup:
     """The contenders and the hardware split of ``a`` (the parsed flags); ValueError names
     unknown contenders."""
-    from pearl.bench_local import ALL_CPUS
-
     contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
     unknown = sorted(set(contenders) - set(CONTENDERS))
     if unknown:
@@ -77,38 +65,9 @@ def setup(a) -> Setup:
         use_services=any(c in SERVICE for c in contenders) or a.sweep,
         draft_name="tiny-draft (noisy copy of tiny-target)" if a.tiny else a.draft_model,
         target_name="tiny-target (random Qwen2, 2 layers)" if a.tiny else a.target_model,
-        dtype="float32" if a.tiny else a.dtype, split=hardware_split(a, gpu, ALL_CPUS),
+        dtype="float32" if a.tiny else a.dtype,
+        split=hardware_split(LOCAL, a.tiny, a.device, a.dtype, a.replay_acceptance),
         cpus=ALL_CPUS)
-
-
-def hardware_split(a, gpu: bool, cpus: list[int]) -> str:
-    if a.tiny:
-        split = ("--tiny: all three services and the local contenders in this process, no "
-                 "pinning (a harness check, not a measurement)")
-    elif gpu:
-        split = ("draft, target and coordinator services as separate processes sharing the one "
-                 "GPU; hf-assisted-all / ar-local-all in the bench process on the same GPU")
-    else:
-        dcpu, tcpu = cpus[0], cpus[-1]
-        split = (f"draft service: CPU {dcpu}, 1 thread; target service: CPU {tcpu}, 1 thread; "
-                 f"coordinator: unpinned; hf-assisted-1t / ar-local-1t: CPU {tcpu}, 1 thread "
-                 f"(both models of hf-assisted on it); hf-assisted-all / ar-local-all: CPUs "
-                 f"{','.join(map(str, cpus))}, {len(cpus)} threads")
-    if a.replay_acceptance is not None:
-        split += "; " + replay_note(a.replay_acceptance)
-    return split
-
-
-def replay_note(acceptance: float) -> str:
-    """What every report of a run with a replaying draft says about its acceptance."""
-    return (f"the draft replays the target's greedy tokens with probability {acceptance} "
-            "(draft_service/replay.py): acceptance is CHOSEN, not a real pair's; the figures time "
-            "the schedule and the protocol")
-
-
-def replay_args(path: Path, acceptance: float) -> list[str]:
-    """The draft service's flags that make it replay the references in ``path``."""
-    return ["--replay", str(path), "--replay-acceptance", str(acceptance)]
 
 
 def baseline(contenders: list[str]) -> str:
@@ -134,51 +93,6 @@ def expand(contenders: list[str], sweep: bool) -> list[tuple[str, str]]:
     if sweep:
         runs += [(f"{m}-g{g}", f"{m}-g{g}") for m in ("sd", "pearl") for g in SWEEP]
     return runs
-
-
-def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-
-
-def load_prompts(which: str, n: int, tokenizer, tiny: bool) -> list[dict]:
-    from pearl.demo import humaneval_prompt
-
-    out = []
-    for s in (("humaneval", "prose") if which == "both" else (which,)):
-        for i in range(n):
-            text = humaneval_prompt(i) if s == "humaneval" else PROSE[i % len(PROSE)]
-            if tiny:  # a character-level tokenizer: keep prompts short
-                text = text[-120:]
-            out.append({"set": s, "index": i, "text": text, "ids": tokenizer.encode(text)})
-    return out
-
-
-def untrained(loaded):
-    """Copy-forward transfer layers for --tiny (a harness check: the mode runs, drafts poorly)."""
-    from target_service.hidden_transfer.layers import Transfer, TransferLayers
-
-    cfg = loaded.model.config
-    layers = TransferLayers(cfg.hidden_size, cfg.num_hidden_layers // 2, 3, 8)
-    return Transfer(layers, loaded.name)
-
-
-def write_references(greedy, prompts: list[dict], new_tokens: int, path: Path,
-                     workers: int = 1) -> Path:
-    """The target's own greedy continuation of every prompt, one JSON list of prompt +
-    continuation per line: what a replaying draft proposes (draft_service/replay.py).
-    ``greedy(prompt_ids, n)`` gives the target's first ``n`` greedy tokens (the one-request
-    bench: the model in this process; the load bench: the target service, ``workers`` prompts
-    at a time)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as ex:
-        rows = list(ex.map(lambda p: p["ids"] + greedy(p["ids"], new_tokens + 16), prompts))
-    tmp = path.with_suffix(".tmp")  # whole, at once: a replaying draft may read it any time
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-    return path
 
 
 # -- one run of one prompt ------------------------------------------------------------------------
@@ -233,7 +147,7 @@ class Measured:
 
     records: list[dict]
     prompts: list[dict]
-    local: object  # pearl.bench_local.Local: the in-process pair, for the checks below
+    local: object  # benchmarks.local.Local: the in-process pair, for the checks below
     rss_services: dict[str, float | None]  # peak RSS (VmHWM) of each service process, MB
     rss_self: float | None  # peak RSS of the bench process
     rss_now: dict[str, float | None]  # RSS of every process at the end
@@ -241,21 +155,22 @@ class Measured:
 
 def measure(a, s: Setup, out_dir: Path) -> Measured:
     """Start what ``s`` needs, run every prompt through every run, stop everything."""
-    from pearl.bench_local import Local, load_pair
+    from benchmarks.local import Local, load_pair
     from pearl.client import Client
     from pearl.procs import running
 
     with running() as svcs:
         out_of_process = s.use_services and not a.tiny
         if out_of_process and not s.replay:  # load in parallel with the in-process pair
-            start_models(a, s, svcs, [])
+            start_pair(svcs, a.draft_model, a.target_model, a.device, a.dtype)
         draft, target = load_pair(a.draft_model, a.target_model, a.dtype, a.tiny, a.device)
         local = Local(draft, target, a.gamma)
         prompts = load_prompts(a.set, a.prompts, target.tokenizer, a.tiny)
         if out_of_process and s.replay:  # the draft needs the target's continuations first
             path = write_references(lambda ids, n: local.run(ids, n, "all").token_ids,
                                     prompts, a.max_new_tokens, out_dir / "replay.jsonl")
-            start_models(a, s, svcs, replay_args(path, a.replay_acceptance))
+            start_pair(svcs, a.draft_model, a.target_model, a.device, a.dtype,
+                       extra_draft=replay_args(path, a.replay_acceptance))
         cluster, address = connect(a, s, svcs, draft, target)
         print(f"ready in {time.monotonic() - s.t_start:.0f} s", flush=True)
         client = Client(address) if address else None
@@ -279,29 +194,18 @@ def measure(a, s: Setup, out_dir: Path) -> Measured:
     return Measured(records, prompts, local, rss_services, peak_rss_mb(os.getpid()), rss_now)
 
 
-def start_models(a, s: Setup, svcs, extra_draft: list[str]) -> None:
-    """The draft and target services as processes, each pinned to its own CPU (not on a GPU)."""
-    # one torch thread each: on a GPU too, where more only spin against the other processes'
-    # launch threads
-    common = ["--device", a.device, "--dtype", a.dtype, "--threads", "1"]
-    svcs.start("draft", ["--model", a.draft_model, *common, *extra_draft],
-               cpus=None if s.gpu else str(s.cpus[0]))
-    svcs.start("target", ["--model", a.target_model, *common],
-               cpus=None if s.gpu else str(s.cpus[-1]))
-
-
 def connect(a, s: Setup, svcs, draft, target):
     """(in-process cluster or None, coordinator address or None)."""
     if not s.use_services:
         return None, None
     if a.tiny:
+        from benchmarks.local import untrained
         from pearl.cluster import Cluster
 
         cluster = Cluster(draft, target, a.gamma, target_kw={"transfer": untrained(target)})
         return cluster, cluster.address
     d, t = svcs.wait("draft"), svcs.wait("target")
-    svcs.start("coordinator", ["--draft", d, "--target", t, "--gamma", str(a.gamma)])
-    return None, svcs.wait("coordinator", 120)
+    return None, start_coordinator(svcs, d, t, ["--gamma", str(a.gamma)])
 
 
 def interleave(one, runs: list[tuple[str, str]], prompts: list[dict], new_tokens: int,
@@ -331,12 +235,6 @@ def interleave(one, runs: list[tuple[str, str]], prompts: list[dict], new_tokens
 
 
 # -- checks that need the models ------------------------------------------------------------------
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    if a == b:
-        return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def compare(m: Measured, ref_run: str | None) -> None:
@@ -370,31 +268,3 @@ def agreement(m: Measured, ref_run: str | None) -> dict[str, float]:
             counts[key][0] += x
             counts[key][1] += n
     return {k: x / n for k, (x, n) in counts.items() if n}
-
-
-# -- memory ---------------------------------------------------------------------------------------
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).memory_info().rss / 2**20
-    except Exception:
-        return None
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """The process's peak resident set (VmHWM), or its current RSS where that is unavailable."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return psutil.Process(pid).memory_info().rss / 2**20
-    except Exception:
-        return None

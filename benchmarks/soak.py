@@ -1,6 +1,6 @@
-"""A bounded soak under load and faults (issue 14): real service processes on loopback.
+"""A bounded soak under load and faults: real service processes on loopback.
 
-    python -m pearl.soak --seconds 600        (make soak SOAK_S=600; tests/test_soak.py: 75 s)
+    python -m benchmarks.soak --seconds 600   (make soak SOAK_S=600; tests/test_soak.py: 75 s)
 
 The target is smollm2-135m-instruct, the draft a noisy copy of it saved to a local folder (so
 drafts are sometimes rejected), both float32 with one thread. ``clients`` threads send requests
@@ -402,7 +402,8 @@ def soak(seconds: float = 600, clients: int = 8, draft_period_s: float = 30.0,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pearl.soak", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=600)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--draft-period", type=float, default=30.0,

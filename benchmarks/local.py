@@ -1,5 +1,6 @@
-"""The in-process side of `pearl bench`: transformers' own generation as contenders, the draft's
-teacher-forced agreement and the target's logit margins, and the tiny models that `--tiny` uses.
+"""The models in the bench process: transformers' own generation as the latency bench's
+contenders, the draft's teacher-forced agreement, the target's logit margins, the tiny models
+that `--tiny` uses, and a model's tokenizer or config alone.
 
 Contenders here run in the bench process itself with torch's intra-op threads and the CPU affinity
 of the calling thread set per run (one core for ``-1t``, all cores for ``-all``). The torch thread
@@ -9,21 +10,14 @@ threads of the ``-all`` runs are not stuck on the core a ``-1t`` run pinned.
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from benchmarks.divergence import margin
+from benchmarks.hardware import ALL_CPUS, pin
 from specdec.models import LoadedModel, load_model, noisy_copy, tiny_loaded
-
-ALL_CPUS = sorted(os.sched_getaffinity(0))
-
-
-def pin(cpus) -> None:
-    """Pin the calling thread (Linux: pid 0 is the calling thread) to ``cpus``."""
-    os.sched_setaffinity(0, set(cpus))
 
 
 def warm_pool(model) -> None:
@@ -34,7 +28,7 @@ def warm_pool(model) -> None:
         model(torch.tensor([[1, 2, 3]], device=next(model.parameters()).device))
 
 
-# -- tiny models (for --tiny and the CI test) -----------------------------------------------------
+# -- the pair, tiny models (for --tiny and the CI test), a tokenizer or config alone ---------------
 
 
 def load_pair(draft: str, target: str, dtype: str, tiny: bool,
@@ -43,6 +37,39 @@ def load_pair(draft: str, target: str, dtype: str, tiny: bool,
         t = tiny_loaded(2)
         return noisy_copy(t, 7, 0.08), t
     return load_model(draft, device, dtype), load_model(target, device, dtype)
+
+
+def untrained(loaded):
+    """Copy-forward transfer layers for --tiny (a harness check: the mode runs, drafts poorly)."""
+    from target_service.hidden_transfer.layers import Transfer, TransferLayers
+
+    cfg = loaded.model.config
+    layers = TransferLayers(cfg.hidden_size, cfg.num_hidden_layers // 2, 3, 8)
+    return Transfer(layers, loaded.name)
+
+
+def tokenizer_only(name: str):
+    """A stand-in for a loaded model when only its tokenizer is needed."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from specdec.models import tokenizer_folder
+
+    return SimpleNamespace(model=None, tokenizer=AutoTokenizer.from_pretrained(
+        tokenizer_folder(name)))
+
+
+def model_config(name: str):
+    """``name``'s transformers config, or None where it cannot be had."""
+    try:
+        from transformers import AutoConfig
+
+        from specdec import model_store
+
+        return AutoConfig.from_pretrained(model_store.resolve(name, progress=False))
+    except Exception:
+        return None
 
 
 def sync(model) -> None:
@@ -142,42 +169,7 @@ class Local:
         guess = logits[n - 1: n - 1 + len(target_ids)].argmax(-1).tolist()
         return sum(g == t for g, t in zip(guess, target_ids)), len(target_ids)
 
-
     def margin(self, prompt_ids: list[int], prefix: list[int], reference_id: int,
                other_id: int) -> dict:
-        """The target's logit margin at a differing position: :func:`margin`."""
+        """The target's logit margin at a differing position (benchmarks/divergence.py)."""
         return margin(self.target, prompt_ids, prefix, reference_id, other_id)
-
-
-def margin(target: LoadedModel, prompt_ids: list[int], prefix: list[int], reference_id: int,
-           other_id: int) -> dict:
-    """The target's logits of two candidate tokens after ``prompt_ids + prefix`` (in this
-    process, the dtype of the run), and whether their gap is within the rounding noise of the
-    dtype: a near-tie, where another order of the same arithmetic (a KV-cached pass, another
-    window length) may pick either.
-
-    The noise is measured at the same position: the largest difference, over the 20 most
-    likely tokens, between the logits of one pass over the whole sequence and of a pass that
-    feeds the last token alone on top of a KV cache (the two paths the services take). A gap
-    within twice that noise (or two units in the last place of the top logit) is a near-tie.
-    """
-    from transformers import DynamicCache
-
-    seq = prompt_ids + prefix
-    x = torch.tensor([seq], device=target.device)
-    with torch.inference_mode():
-        full = target.model(x, logits_to_keep=1).logits[0, -1].float()
-        cache = DynamicCache(config=target.model.config)
-        target.model(x[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        step = target.model(x[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1].float()
-    top = full.topk(20).indices
-    noise = float((full[top] - step[top]).abs().max())
-    ref, other = float(full[reference_id]), float(full[other_id])
-    biggest = max(abs(ref), abs(other), 1e-30)
-    dtype = target.model.dtype
-    mantissa = {torch.bfloat16: 7, torch.float16: 10}.get(dtype, 23)
-    ulp = 2.0 ** (math.floor(math.log2(biggest)) - mantissa)
-    return {"reference_id": reference_id, "other_id": other_id, "reference_logit": ref,
-            "other_logit": other, "margin": ref - other, "ulp": ulp, "noise": noise,
-            "cached_margin": float(step[reference_id] - step[other_id]),
-            "near_tie": abs(ref - other) <= max(2 * ulp, 2 * noise), "dtype": str(dtype)}

@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Sessions spread over target replicas: aggregate throughput with 1, then 2 targets (issue 15).
+"""Sessions spread over target replicas: aggregate throughput with 1, then 2 targets.
 
 For each replica count n: one draft, n targets and one coordinator, each its own process on
 loopback (one torch thread, float32), the coordinator given ``--target ipv4:127.0.0.1:P1,...``.
@@ -22,8 +21,8 @@ compute that the first one and the draft do not already use; the table shows tha
 (sessions per replica) and what it costs. On a machine with a core (or a GPU) per replica, the
 same command shows the scaling.
 
-    .venv/bin/python scripts/bench_replicas.py                     # full: see --help for the run
-    .venv/bin/python scripts/bench_replicas.py --tiny --concurrency 1,4 --requests-per-client 1
+    .venv/bin/python -m benchmarks.replicas                    # full: see --help for the run
+    .venv/bin/python -m benchmarks.replicas --tiny --concurrency 1,4 --requests-per-client 1
 """
 
 from __future__ import annotations
@@ -43,8 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the children's working directory
 
 MODEL = "smollm2-135m-instruct"
 COUNTS_EVERY_S = 0.2
@@ -140,7 +138,8 @@ def fleet(n_targets: int, model: str, workdir: Path):
         draft_addr = draft.wait()
         target_addrs = [t.wait() for t in targets]
         counts_file = workdir / "coordinator.counts.json"
-        coord = start("coordinator", [sys.executable, __file__, "--serve-coordinator",
+        coord = start("coordinator", [sys.executable, "-m", "benchmarks.replicas",
+                                      "--serve-coordinator",
                                       "ipv4:" + ",".join(target_addrs), draft_addr,
                                       str(workdir / "coordinator.port"), str(counts_file)])
         address = coord.wait()
@@ -225,7 +224,8 @@ def tiny_folder(workdir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.replicas",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--replicas", default="1,2", help="target replica counts to run, in turn")
     p.add_argument("--concurrency", default="1,4,8,16", help="concurrent clients")
     p.add_argument("--modes", default="ar,pearl")

@@ -1,4 +1,4 @@
-"""The open-loop serving bench's workload (`pearl bench serve`, pearl/bench_serve.py): Poisson
+"""The open-loop serving bench's workload (`pearl bench serve`, benchmarks/serve.py): Poisson
 arrival times and a mix of three kinds of request, all fixed by one seed.
 
 - ``humaneval``: a HumanEval prompt to complete (plain text, no chat template).
