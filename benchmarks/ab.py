@@ -139,18 +139,42 @@ def start_arms(a, arms: dict[str, Services], tree: Path | None) -> dict[str, str
                                    **code[arm]) for arm in ("a", "b")}
 
 
-def phases(a, address: dict[str, str], prompts: list[dict]) -> list[dict]:
+def serving(arms: dict[str, Services], arm: str) -> dict:
+    """The processes that serve ``arm``'s requests, by role: its own, and the draft and target
+    of arm a where arm b shares them (--rev-b without --whole)."""
+    return {**arms["a"].all, **arms[arm].all}
+
+
+def cpu_s(procs: dict) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used so far, by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for role, svc in procs.items():
+        fields = Path(f"/proc/{svc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        used[role] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
+def phases(a, address: dict[str, str], prompts: list[dict], arms: dict[str, Services]
+           ) -> list[dict]:
     """Every mode at every concurrency, ``--rounds`` times, on both arms one after the other,
-    the order swapped each time; one summary per arm and phase."""
+    the order swapped each time; one summary per arm and phase, with the CPU time each process
+    serving the arm spent per new token (steadier than tok/s on a noisy machine)."""
     results: list[dict] = []
     k = 0
     for c in a.concurrency:
         for mode in a.modes:
             for r in range(a.rounds):
                 for arm in ("a", "b") if k % 2 == 0 else ("b", "a"):
+                    before = cpu_s(serving(arms, arm))
                     recs = service_phase(address[arm], mode, c, prompts, a.max_new_tokens,
                                          a.gamma, 1, None)
+                    after = cpu_s(serving(arms, arm))
                     results.append(summary(arm, mode, c, r, recs))
+                    tokens = max(1, sum(x["new_tokens"] for x in recs))
+                    results[-1]["cpu_ms_per_token"] = {
+                        role: round(1000 * (after[role] - before[role]) / tokens, 2)
+                        for role in after}
                     print(json.dumps(results[-1]), flush=True)
                 k += 1
     return results
@@ -165,6 +189,24 @@ def summary(arm: str, mode: str, c: int, r: int, recs: list[dict]) -> dict:
             "queue_wait_s": statistics.mean(x["queue_wait_s"] or 0 for x in recs),
             "acceptance": s.get("acceptance_rate_mean"),
             "latency_p50_s": s["latency_p50_s"], "wall_s": s["wall_s"]}
+
+
+def cpu_table(results: list[dict]) -> str:
+    """Mean CPU ms per new token of each process serving an arm, by mode and concurrency."""
+    rows = sorted({(x["mode"], x["concurrency"]) for x in results})
+    roles = sorted({role for x in results for role in x["cpu_ms_per_token"]})
+    lines = ["| mode | concurrency | " + " | ".join(f"{r} ms/token a | b" for r in roles) + " |",
+             "|---|---|" + "---|---|" * len(roles)]
+    for mode, c in rows:
+        cells = []
+        for role in roles:
+            for arm in ("a", "b"):
+                v = [x["cpu_ms_per_token"][role] for x in results if x["arm"] == arm
+                     and x["mode"] == mode and x["concurrency"] == c
+                     and role in x["cpu_ms_per_token"]]
+                cells.append(f"{statistics.mean(v):.1f}" if v else "-")
+        lines.append(f"| {mode} | {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(results: list[dict], modes: list[str], concurrency: list[int]) -> str:
@@ -202,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                                tokenizer_only(a.target_model).tokenizer, False)
         print(f"services up in {time.perf_counter() - t0:.0f} s; a = {labels['a']}, "
               f"b = {labels['b']}", flush=True)
-        results = phases(a, address, prompts)
+        results = phases(a, address, prompts, arms)
     finally:
         for svcs in arms.values():
             svcs.stop()
@@ -212,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(tree.parent, ignore_errors=True)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; a = {labels['a']}, b = {labels['b']}\n")
     print(table(results, a.modes, a.concurrency))
+    print("\nCPU per new token (user + system):\n")
+    print(cpu_table(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 

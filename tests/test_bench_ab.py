@@ -1,7 +1,9 @@
 """benchmarks/ab.py: which processes of arm b run another revision's code, and that a process
 started so imports that code, not this checkout's."""
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,21 @@ def test_a_served_process_of_arm_b_runs_the_worktree_code(tmp_path):
     assert svc.proc.wait(timeout=60) == 0, svc.log_path.read_text()
     assert Path(svc.port_file.read_text()).resolve() == (tree / "pearl" / "__init__.py").resolve()
     assert sys.modules["pearl"].__file__ != svc.port_file.read_text()
+
+
+def test_cpu_time_per_process_grows_with_work_and_tabulates():
+    from types import SimpleNamespace
+
+    from benchmarks.ab import cpu_s, cpu_table
+
+    me = {"coordinator": SimpleNamespace(proc=SimpleNamespace(pid=os.getpid()))}
+    before = cpu_s(me)["coordinator"]
+    t = time.process_time()
+    while time.process_time() - t < 0.3:  # burn 0.3 s of CPU
+        sum(range(1000))
+    assert cpu_s(me)["coordinator"] - before >= 0.2
+    results = [{"arm": arm, "mode": "pearl", "concurrency": 8,
+                "cpu_ms_per_token": {"coordinator": ms, "target": 10 * ms}}
+               for arm, ms in (("a", 2.0), ("a", 4.0), ("b", 5.0))]
+    text = cpu_table(results)
+    assert "| pearl | 8 | 3.0 | 5.0 | 30.0 | 50.0 |" in text.splitlines()
