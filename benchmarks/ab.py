@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import hardware
 from benchmarks.closed_loop import service_phase
 from benchmarks.load_analysis import summarize
 from benchmarks.services import start_coordinator, start_pair
@@ -147,12 +148,7 @@ def serving(arms: dict[str, Services], arm: str) -> dict:
 
 def cpu_s(procs: dict) -> dict[str, float]:
     """CPU seconds (user + system) each process has used so far, by role."""
-    tick = os.sysconf("SC_CLK_TCK")
-    used = {}
-    for role, svc in procs.items():
-        fields = Path(f"/proc/{svc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        used[role] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return used
+    return {role: hardware.cpu_s(svc.proc.pid) for role, svc in procs.items()}
 
 
 def phases(a, address: dict[str, str], prompts: list[dict], arms: dict[str, Services]

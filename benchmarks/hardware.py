@@ -54,6 +54,14 @@ def rss_mb(pid: int) -> float | None:
         return None
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def peak_rss_mb(pid: int) -> float | None:
     """The process's peak resident set (VmHWM), or its current RSS where that is unavailable."""
     try:
