@@ -10,6 +10,7 @@ from draft_service.drafter import DraftSession, ProtocolError
 from draft_service.replay import Replay
 from draft_service.tracing import NO_DRAFT_TRACE, draft_trace
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
+from specdec.answers import Proposal
 from specdec.defaults import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS
 from specdec.engine import EngineConfig, describe_engine
 from specdec.interceptor import Status
@@ -19,7 +20,6 @@ from specdec.security import ServerTLS
 from specdec.sequence import Aborted
 from specdec.serving import ModelServicer, Server, model_info
 from specdec.telemetry import Telemetry
-from specdec.answers import Proposal
 from specdec.wire import proposal_to_pb, sampling_from_pb
 
 log = logging.getLogger("pearl.draft")
@@ -40,8 +40,7 @@ class DraftServicer(ModelServicer, pearl_pb2_grpc.DraftServiceServicer):
                  engine: EngineConfig = EngineConfig(),
                  max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S,
                  telemetry: Telemetry | None = None):
-        super().__init__(loaded, "draft", engine, max_sessions, idle_s,
-                         telemetry)
+        super().__init__(loaded, "draft", engine, max_sessions, idle_s, telemetry)
         self.q_tail = q_tail
         self.replay = replay  # a benchmarking draft (draft_service/replay.py), normally None
         self.aborted = 0  # draft forwards stopped early because their token went stale

@@ -75,12 +75,12 @@ class ErrorStatus(grpc.aio.ServerInterceptor):
         async def fail(e: Exception, context) -> None:
             if isinstance(e, grpc.aio.AbortError):  # the handler aborted the call itself
                 raise e
-            code = status_of(e, self.statuses)
-            if code is None:
+            code, message = status_of(e, self.statuses), str(e)
+            if code is None:  # a bug
                 log.exception("%s failed", method)
-                await context.abort(grpc.StatusCode.INTERNAL,
-                                    f"{method}: internal error: {type(e).__name__}: {e}")
-            await context.abort(code, str(e))
+                code = grpc.StatusCode.INTERNAL
+                message = f"{method}: internal error: {type(e).__name__}: {e}"
+            await context.abort(code, message)
 
         if inspect.isasyncgenfunction(inner):
             async def behavior(raw_or_raws, context):

@@ -5,6 +5,7 @@ import logging
 import grpc
 
 from protos.v1 import pearl_pb2, pearl_pb2_grpc
+from specdec.answers import Verdict
 from specdec.defaults import (
     DEFAULT_IDLE_S,
     DEFAULT_MAX_SESSIONS,
@@ -17,7 +18,6 @@ from specdec.limits import idle_limited
 from specdec.security import ServerTLS
 from specdec.serving import ModelServicer, Server, model_info
 from specdec.telemetry import Telemetry
-from specdec.answers import Verdict
 from specdec.wire import dist_from_pb, sampling_from_pb, verdict_to_pb
 from target_service.hidden_transfer.layers import Transfer
 from target_service.hidden_transfer.session import HiddenTransferSession
@@ -50,8 +50,7 @@ class TargetServicer(ModelServicer, pearl_pb2_grpc.TargetServiceServicer):
                  engine: EngineConfig = EngineConfig(),
                  max_sessions: int = DEFAULT_MAX_SESSIONS, idle_s: float = DEFAULT_IDLE_S,
                  telemetry: Telemetry | None = None):
-        super().__init__(loaded, "target", engine, max_sessions, idle_s,
-                         telemetry)
+        super().__init__(loaded, "target", engine, max_sessions, idle_s, telemetry)
         self.transfer = transfer
         if transfer is not None:
             transfer.layers.to(loaded.device, loaded.dtype)
