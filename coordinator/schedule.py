@@ -182,8 +182,7 @@ class Pearl(Schedule):
         L = len(r.committed)
         wid = self.new_run(L)
         if g := self.gamma():
-            self.r.rec.window(g)
-            self.until = self.horizon(L, g)
+            self.set_horizon(L, g)
         else:  # speculation is off already: the draft takes the prompt and drafts nothing
             self.phase, self.parked, self.until = Phase.OFF, L, L
         await r.draft.start(r.plan.session_id, r.committed, wid, self.until, r.plan.sampling)
@@ -266,6 +265,11 @@ class Pearl(Schedule):
         plan = self.r.plan
         return min(end + g, len(plan.prompt_ids) + plan.max_new_tokens, plan.max_positions)
 
+    def set_horizon(self, end: int, g: int) -> None:
+        """A new run's horizon, ``g`` past ``end``, recorded as a window of gamma ``g``."""
+        self.r.rec.window(g)
+        self.until = self.horizon(end, g)
+
     def new_run(self, start: int) -> int:
         self.run_id, self.run_start = self.r.take_window_id(), start
         return self.run_id
@@ -283,8 +287,7 @@ class Pearl(Schedule):
         if g := self.gamma():
             wid = self.new_run(keep + 1)
             self.phase = Phase.PRE
-            self.r.rec.window(g)
-            self.until = self.horizon(keep + 1, g)
+            self.set_horizon(keep + 1, g)
         else:
             wid = self.r.take_window_id()
             self.phase, self.holds, self.parked, self.until = Phase.OFF, False, keep + 1, keep + 1
@@ -315,8 +318,7 @@ class Pearl(Schedule):
         self.drafted.clear()
         self.oldest_live = wid
         self.phase = Phase.HELD if self.holds else Phase.PRE
-        self.r.rec.window(g)
-        self.until = self.horizon(L, g)
+        self.set_horizon(L, g)
         await self.r.draft.rollback(self.parked, self.r.committed[self.parked:], wid, self.until)
 
 
